@@ -1,0 +1,44 @@
+"""Model measurements shared by tests, benchmarks and MFU logging.
+
+``count_macs`` runs one forward under torch's ``FlopCounterMode`` on the meta device where possible and
+halves the FLOPs: the papers' "FLOPs" are multiply-accumulates. Modules whose efficient implementation
+computes more (or fewer) products than the paper's convention counts (e.g. ViL's local attention, which
+is reported as *valid* query-key pairs only) expose ``macs_adjustment(input_shape) -> int`` and are
+corrected by that amount; the hook is recorded per call during the same forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters counted once each (tied parameters, e.g. ViL's ``*_global`` projections, once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: torch.nn.Module, img_size: int | tuple[int, int] | None = None, batch: int = 1) -> int:
+    """Multiply-accumulates of one forward for ``batch`` images of ``img_size`` (default: model's)."""
+    if img_size is None:
+        img_size = model.pretrained_cfg["input_size"][-2:] if hasattr(model, "pretrained_cfg") else 224
+    if isinstance(img_size, int):
+        img_size = (img_size, img_size)
+    param = next(model.parameters())
+    x = torch.zeros(batch, 3, *img_size, device=param.device, dtype=param.dtype)
+    adjustments = []
+
+    def _hook(module, args, _out):
+        adjustments.append(module.macs_adjustment(tuple(args[0].shape)))
+
+    handles = [m.register_forward_hook(_hook) for m in model.modules() if hasattr(m, "macs_adjustment")]
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return counter.get_total_flops() // 2 + int(sum(adjustments))

@@ -1,0 +1,69 @@
+"""The golden-v1 procedure of shared/golden/README.md: rebuild a released-format state dict and input.
+
+Copied here (with the listings, meta.json and logits.pt in tests/fixtures/) so the tests stand alone.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LISTINGS = FIXTURES / "official_state_dicts"
+GOLDEN = FIXTURES / "golden"
+FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
+
+
+def read_listing(path):
+    """-> list of (key, shape, dtype, alias_of) in file order."""
+    rows = []
+    with open(path) as f:
+        next(f)
+        for line in f:
+            key, shape, _kind, dtype, *rest = line.rstrip("\n").split("\t")
+            alias = rest[0][len("alias_of="):] if rest else None
+            rows.append((key, tuple(int(s) for s in shape.split("x")) if shape else (), dtype, alias))
+    return rows
+
+
+def make_state_dict(rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape, dtype, alias in rows:
+        if dtype not in FLOAT_DTYPES or alias:
+            continue
+        u = torch.rand(shape, generator=g, dtype=torch.float64)
+        if key.endswith(".running_var"):
+            sd[key] = 0.5 + u
+        elif len(shape) == 1 and key.endswith(".weight"):
+            sd[key] = 1.0 + 0.1 * (2.0 * u - 1.0)
+        else:
+            sd[key] = 0.1 * (2.0 * u - 1.0)
+    for key, shape, dtype, alias in rows:
+        if alias:
+            sd[key] = sd[alias]
+    return sd
+
+
+def make_input(seed=0, batch=2, size=224):
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.rand((batch, 3, size, size), generator=g, dtype=torch.float64) * 2.0 - 1.0
+
+
+def listing_state_dict(name: str, seed: int = 0) -> dict:
+    """Released-format state dict synthesised from ``fixtures/official_state_dicts/<name>.tsv``."""
+    return make_state_dict(read_listing(LISTINGS / f"{name}.tsv"), seed)
+
+
+def golden_fixtures(prefix: str = "") -> list[Path]:
+    """Fixture directories (discovered, not listed by hand) whose name starts with ``prefix``."""
+    return sorted(p for p in GOLDEN.iterdir() if p.is_dir() and p.name.startswith(prefix))
+
+
+def load_meta(fixture: Path) -> dict:
+    return json.loads((fixture / "meta.json").read_text())
+
+
+def load_logits(fixture: Path) -> torch.Tensor:
+    return torch.load(fixture / "logits.pt", weights_only=True)
