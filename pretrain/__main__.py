@@ -1,0 +1,34 @@
+"""``python -m pretrain --config pretrain/configs/X.yaml [section.key=value ...] [--print-config]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pretrain.config import ConfigError, load_config
+
+
+def parse_args(argv=None, description=__doc__):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="YAML recipe")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides (also seed=N, precision=...)")
+    return p.parse_args(argv)
+
+
+def main(argv=None, aliases=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, aliases=aliases)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from pretrain.engine import train
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
