@@ -92,10 +92,14 @@ def list_synset_tars(src: str) -> Tuple[List[Item], List[str]]:
         syn = t[:-4]
         classes.append(syn)
         p = os.path.join(src, t)
-        with tarfile.open(p, "r:") as tf:
-            for m in tf:
-                if m.isreg() and _is_img(m.name):
-                    items.append((p, m.offset_data, m.size, syn, f"{t}/{m.name}"))
+        try:
+            with tarfile.open(p, "r:") as tf:
+                for m in tf:
+                    if m.isreg() and _is_img(m.name):
+                        # members cut off by a truncated tar are listed and then skipped as corrupt
+                        items.append((p, m.offset_data, m.size, syn, f"{t}/{m.name}"))
+        except (tarfile.ReadError, EOFError, OSError) as e:
+            log.warning("%s: unreadable past some point (%s); keeping the members listed so far", p, e)
     return items, classes
 
 
@@ -212,7 +216,7 @@ def _write_shard(job) -> dict:
     skipped, converted = [], 0
     n = 0
     with open(tmp, "wb") as f:
-        tw = wds.TarWriter(f, mtime=0.0, encoder=False)
+        tw = wds.TarWriter(f, mtime=0, encoder=False)
         for j, (it, cls) in enumerate(items):
             name = it[4]
             try:

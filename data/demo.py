@@ -114,8 +114,10 @@ def main(argv=None) -> int:
     p.add_argument("--val-per-class", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--shard-bytes", type=int, default=4 << 20)
+    p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    man = make_demo(a.out, a.classes, a.per_class, a.size, a.seed, a.val_per_class, a.workers, a.shard_bytes)
+    man = make_demo(a.out, a.classes, a.per_class, a.size, a.seed, a.val_per_class, a.workers, a.shard_bytes,
+                    a.quiet)
     print({k: v["num_samples"] for k, v in man["splits"].items()}, "->", a.out)
     return 0
 

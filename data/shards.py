@@ -19,7 +19,7 @@ import re
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -231,23 +231,66 @@ def _cache_dir() -> str:
     return d
 
 
-def _jpeg_ok(f, off: int, size: int) -> bool:
+def _jpeg_ok(f, off: int, size: int, level: str = "markers") -> bool:
+    """'markers': SOI, a well-formed marker-segment chain up to SOS containing a SOF, and EOI at the
+    end (header-only reads, catches the corruption that makes decoders throw). 'decode': full PIL
+    decode on top."""
     if size < 4:
         return False
     f.seek(off)
-    head = f.read(2)
+    buf = f.read(min(size, 4096))
     f.seek(off + size - 2)
-    tail = f.read(2)
-    return head == b"\xff\xd8" and tail == b"\xff\xd9"
+    if buf[:2] != b"\xff\xd8" or f.read(2) != b"\xff\xd9":
+        return False
+    pos, base, sof = 2, 0, False
+    while True:
+        if pos + 4 > base + len(buf):
+            if pos + 4 > size:
+                return False
+            f.seek(off + pos)
+            buf, base = f.read(min(size - pos, 4096)), pos
+        b0, m = buf[pos - base], buf[pos - base + 1]
+        if b0 != 0xFF:
+            return False
+        if m == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if m == 0xDA:
+            if not sof:
+                return False
+            break
+        if m in (0x01,) or 0xD0 <= m <= 0xD7:
+            pos += 2
+            continue
+        if m in (0x00, 0xD8, 0xD9):
+            return False
+        if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):
+            sof = True
+        ln = (buf[pos - base + 2] << 8) | buf[pos - base + 3]
+        if ln < 2:
+            return False
+        pos += 2 + ln
+        if pos >= size:
+            return False
+    if level == "decode":
+        import io
+        from PIL import Image
+        f.seek(off)
+        try:
+            with Image.open(io.BytesIO(f.read(size))) as im:
+                im.load()
+        except Exception:  # noqa: BLE001
+            return False
+    return True
 
 
-def validated_index(tar_path: str, exts=("jpg", "cls")) -> Tuple[str, List[Tuple[int, int, int, int, str]], List[str]]:
-    """Check one shard without decoding: tar headers (truncation), presence of every wanted
-    component, JPEG SOI/EOI markers. Returns (index_path, samples, problems) where the index only
+def validated_index(tar_path: str, exts=("jpg", "cls"), deep="markers") -> Tuple[str, List[Tuple[int, int, int, int, str]], List[str]]:
+    """Check one shard: tar headers (truncation), presence of every wanted component, JPEG marker
+    structure (``deep='markers'``) or a full decode (``deep='decode'``). Returns (index_path, samples, problems) where the index only
     lists good samples (DALI reads exactly these) and ``samples`` = (jpg_off, jpg_size, cls_off,
     cls_size, key) for the torch path. The result is cached by (path, size, mtime)."""
     st = os.stat(tar_path)
-    tag = hashlib.sha1(f"{os.path.abspath(tar_path)}|{st.st_size}|{st.st_mtime_ns}|{exts}".encode()).hexdigest()[:20]
+    tag = hashlib.sha1(f"{os.path.abspath(tar_path)}|{st.st_size}|{st.st_mtime_ns}|{exts}|{deep}".encode()).hexdigest()[:20]
     cache = os.path.join(_cache_dir(), tag)
     if os.path.isfile(cache + ".json") and os.path.isfile(cache + ".idx"):
         try:
@@ -279,10 +322,14 @@ def validated_index(tar_path: str, exts=("jpg", "cls")) -> Tuple[str, List[Tuple
                 problems.append(f"{tar_path}:{key}: missing component(s) {[e for e in exts if e not in byext]}")
                 continue
             jo, js, _ = byext["jpg"]
-            if not _jpeg_ok(f, jo, js):
+            co, cs, _ = byext["cls"]
+            if not deep:
+                good_raw.append([c for c in comps if c[0] in exts])
+                good.append((jo, js, co, cs, key))
+                continue
+            if not _jpeg_ok(f, jo, js, deep):
                 problems.append(f"{tar_path}:{key}: corrupt JPEG bytes")
                 continue
-            co, cs, _ = byext["cls"]
             f.seek(co)
             try:
                 int(f.read(cs).decode("ascii").strip())
@@ -315,14 +362,17 @@ class ValidatedShards:
         return sum(self.counts)
 
 
-def validate_shards(ss: ShardSet) -> ValidatedShards:
+def validate_shards(ss: ShardSet, deep="markers") -> ValidatedShards:
+    """``deep``: 'markers' (default; JPEG marker structure, header reads only), 'decode' (full PIL
+    decode once, cached) or False/'index' (trusts the per-sample content of the shard index (tar structure, truncation and
+    missing files are still checked): use it for very large datasets on slow file systems."""
     shards, idxs, samples, problems = [], [], [], []
     for p in ss.missing:
         problems.append(f"{p}: missing shard file")
     skipped = 0
     for i, p in enumerate(ss.shards):
         try:
-            idx, smp, probs = validated_index(p)
+            idx, smp, probs = validated_index(p, deep=deep)
         except (OSError, ValueError) as e:
             problems.append(f"{p}: unreadable shard ({e})")
             if ss.counts[i] > 0:
