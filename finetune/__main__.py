@@ -1,0 +1,48 @@
+"""``python -m finetune --config finetune/configs/X.yaml init=<checkpoint> [section.key=value ...] [--print-config]``
+
+``init=`` is short for ``finetune.init=``: a run directory, a DeepSpeed checkpoint or tag folder, an fp32 /
+safetensors file or a released checkpoint (see :mod:`finetune.sources`). The engine (``pretrain.engine.train``)
+builds the model for the recipe, calls :func:`finetune.surgery.load_init_weights` when the run starts fresh
+(never when it resumes its own checkpoints) and trains. Under several processes start it like pretraining:
+``torchrun --standalone --nproc_per_node=N -m finetune ...`` (or the Slurm / submitit launchers).
+"""
+from __future__ import annotations
+
+import sys
+
+from pretrain.config import ConfigError, load_config
+
+ALIASES = {"init": "finetune.init"}
+
+
+def build_config(recipe, overrides):
+    """The resolved finetune config; refuses a run without ``init`` or with an unreadable checkpoint."""
+    cfg = load_config(recipe, overrides, aliases=ALIASES)
+    if not cfg.finetune.init:
+        raise ConfigError("finetune needs a checkpoint: add init=<run dir | checkpoint dir | weights file> "
+                          "(or finetune.init=...)")
+    from finetune.sources import SourceError, resolve_source
+    try:
+        resolve_source(cfg.finetune.init)
+    except SourceError as e:
+        raise ConfigError(f"config key 'finetune.init': {e}") from None
+    return cfg
+
+
+def main(argv=None) -> int:
+    from pretrain.__main__ import parse_args
+    args = parse_args(argv, description=__doc__)
+    try:
+        cfg = build_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from pretrain.engine import train
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
