@@ -154,6 +154,14 @@ def detect_env(environ=None) -> DistEnv:
     return env
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pick_backend(requested: str = "auto") -> str:
     import torch
 
@@ -174,6 +182,8 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0, envir
     import torch.distributed as dist
 
     env = detect_env(environ)
+    if env.source == "single" and "MASTER_PORT" not in (os.environ if environ is None else environ):
+        env.master_port = _free_port()  # one process: any free port (29500 may be taken by another run)
     backend = pick_backend(backend)
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,

@@ -36,7 +36,7 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 
 # Fault injection for the crash tests (documented in tests/test_engine_*.py): never set in real runs.
-FAULT_NAN_STEPS = "HVP_FAULT_NAN_STEPS"        # comma-separated optimizer steps whose loss becomes NaN
+FAULT_NAN_STEPS = "HVP_FAULT_NAN_STEPS"        # comma-separated step attempts (1-based, this process) made NaN
 FAULT_CRASH_IN_CKPT = "HVP_FAULT_CRASH_IN_CKPT"  # step whose checkpoint write dies before publishing
 
 
@@ -107,25 +107,34 @@ def _write_provenance(cfg: Config, run_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _run_dir_lock(run_dir: Path, enabled: bool):
-    """One live job per run directory (rank 0 holds an exclusive flock for the run's lifetime)."""
-    if not enabled:
-        yield
-        return
-    fd = os.open(run_dir / ".train.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+def _run_dir_lock(run_dir: Path, rank: int):
+    """One live job per run directory: rank 0 holds an exclusive flock for the run's lifetime.
+
+    Collective: every rank learns whether rank 0 got the lock, so a refused job stops on all ranks
+    instead of leaving the others waiting in a collective.
+    """
+    fd, holder = None, ""
+    if rank == 0:
+        fd = os.open(run_dir / ".train.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid={os.getpid()} host={os.uname().nodename} "
+                          f"job={os.environ.get('SLURM_JOB_ID', '-')}\n".encode(), 0)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            raise TrainingError(f"run directory {run_dir} is in use by another live job ({holder}); "
-                                "use another run.dir or stop that job") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid={os.getpid()} host={os.uname().nodename} job={os.environ.get('SLURM_JOB_ID', '-')}\n"
-                  .encode(), 0)
+            os.close(fd)
+            fd = None
+    refused = torch.tensor([0.0 if rank != 0 or fd is not None else 1.0])
+    dist.all_reduce(refused)
+    if refused.item():
+        raise TrainingError(f"run directory {run_dir} is in use by another live job"
+                            f"{f' ({holder})' if holder else ''}; use another run.dir or stop that job")
+    try:
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def build_model(cfg: Config, num_classes: int):
@@ -240,7 +249,23 @@ def eval_class_index(cfg: Config, train_label_space, eval_label_space) -> torch.
         return None
     from data.labels import map_21k_to_1k
 
-    return torch.tensor(map_21k_to_1k(train_label_space, eval_label_space), dtype=torch.long)
+    if train_label_space is None or eval_label_space is None:
+        raise ConfigError("eval.label_map=21k-to-1k needs the label spaces of the model and of the eval data")
+    return torch.tensor(map_21k_to_1k(as_label_space(train_label_space), as_label_space(eval_label_space)),
+                        dtype=torch.long)
+
+
+def as_label_space(space):
+    """A loader's label-space record ({name, synsets}) or a name -> data.labels.LabelSpace."""
+    from data.labels import LabelSpace, load_label_space
+
+    if isinstance(space, LabelSpace):
+        return space
+    if isinstance(space, str):
+        return load_label_space(space)
+    if space.get("synsets"):
+        return LabelSpace(space.get("name", "custom"), list(space["synsets"]))
+    return load_label_space(space["name"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,16 +277,19 @@ def train(cfg: Config) -> int:
     rank, world = env.rank, env.world_size
     _quiet_libraries(rank)
     STOP.install()
+    code = EXIT_FAILED
     try:
-        return _train(cfg, rank, world)
+        code = _train(cfg, rank, world)
+        return code
     except (ConfigError, TrainingError, ckpt.CheckpointError) as e:
         log.error("%s", e)
-        return EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_FAILED
+        code = EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_FAILED
+        return code
     finally:
         STOP.restore()
         if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.barrier()
+            if code in (EXIT_OK, EXIT_REQUEUE):
+                dist.barrier()  # only on paths every rank takes together; never wait on a failed peer
             dist.destroy_process_group()
 
 
@@ -307,7 +335,7 @@ def _train(cfg: Config, rank: int, world: int) -> int:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    with _run_dir_lock(run_dir, rank == 0):
+    with _run_dir_lock(run_dir, rank):
         if rank == 0:
             _write_provenance(cfg, run_dir)
         torch.manual_seed(cfg.seed + rank)
@@ -421,21 +449,23 @@ def _loop(cfg, engine, scheduler, train_loader, eval_loader, mixup, criterion, e
     engine.train()
     batches = iter(train_loader)
     scheduler.step_update(state.step)
-    loss_acc, stop_code = 0.0, None
+    loss_acc, stop_code, attempt = 0.0, None, 0
 
     def next_batch():
+        # The loader owns the epoch: a new iter() after a finished epoch starts the next one (also when
+        # the saved state sat exactly at an epoch end), so the engine only mirrors its counter.
         nonlocal batches
         while True:
             try:
                 return next(batches)
             except StopIteration:
-                state.epoch += 1
-                train_loader.set_epoch(state.epoch)
                 batches = iter(train_loader)
+                state.epoch = train_loader.epoch
 
     while state.step < total_steps:
         # ---- one optimizer step = grad_accum micro-batches
         loss_acc, bad = 0.0, 0.0
+        attempt += 1
         for micro in range(t.grad_accum):
             t0 = time.perf_counter()
             images, labels = next_batch()
@@ -449,7 +479,7 @@ def _loop(cfg, engine, scheduler, train_loader, eval_loader, mixup, criterion, e
                 images, labels = mixup(images, labels)
             out = engine(images)
             loss = criterion(out.float(), labels)
-            if state.step + 1 in nan_steps:
+            if attempt in nan_steps:
                 loss = loss * float("nan")
             flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
             dist.all_reduce(flags)

@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--pipeline", default="dali", choices=["dali", "torch"])
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a checkpoint")
+    p.add_argument("--model-labels", default=None,
+                   help="label space of the model's head for --label-map (a builtin name such as in22k-ms, or a "
+                        "synset file); default: the run's training-data manifest")
     p.add_argument("overrides", nargs="*", help="extra section.key=value config overrides")
     args = p.parse_args(argv)
 
@@ -79,9 +82,13 @@ def main(argv=None) -> int:
     model.load_state_dict(state, strict=True)
     train_space = None
     if args.label_map:
-        from data.labels import load_label_space
+        train_space = args.model_labels
+        if train_space is None and args.ckpt and (Path(args.ckpt) / "config.yaml").is_file():
+            from data.shards import resolve
 
-        train_space = load_label_space("in21k-fall11") if num_classes == 21841 else None
+            train_space = resolve(config_from_checkpoint(Path(args.ckpt)).data.train, "train").label_space
+        if train_space is None:
+            p.error("--label-map needs --model-labels (the label space of the model's head)")
     class_index = eval_class_index(cfg, train_space, loader.label_space)
     res = evaluate(model, loader, device, torch.float32, class_index)
     if env.rank == 0:
