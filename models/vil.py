@@ -23,8 +23,8 @@ nearly drops local attention (e.g. ViL-Small 4.86 G vs 5.19 G valid keys).
 """
 from __future__ import annotations
 
-import math
 import re
+from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, register_model
+from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
@@ -58,6 +58,13 @@ def _grid_error(what: str, built: Tuple[int, int], got: Tuple[int, int], stage: 
     )
 
 
+@lru_cache(maxsize=16)
+def _full_rel_index(grid: Tuple[int, int]) -> torch.Tensor:
+    """Full-attention ``[N, N]`` index (release ``Attention`` layout), cached on the CPU and shared by blocks."""
+    with torch.device("cpu"):
+        return relative_position_index(tuple(grid))
+
+
 def resize_pos_embed_1d(pe: torch.Tensor, n_new: int) -> torch.Tensor:
     """The release's ``resize_pos_embed_1d``: ``[1, n, C']`` -> ``[1, n_new, C']``, bilinear, align_corners=False."""
     if pe.shape[1] == n_new:
@@ -66,6 +73,17 @@ def resize_pos_embed_1d(pe: torch.Tensor, n_new: int) -> torch.Tensor:
     x = F.interpolate(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x,
                       size=(n_new, 1), mode="bilinear", align_corners=False)
     return x.squeeze(-1).transpose(1, 2).to(pe.dtype)
+
+
+def _attention(q, k, v, scale: float, bias: Optional[torch.Tensor] = None, drop: float = 0.) -> torch.Tensor:
+    """Plain softmax attention with an additive bias (explicit matmuls: on CPU, SDPA with a float mask is slow)."""
+    attn = torch.matmul(q * scale, k.transpose(-1, -2))
+    if bias is not None:
+        attn = attn + bias
+    attn = attn.softmax(dim=-1)
+    if drop:
+        attn = F.dropout(attn, drop)
+    return torch.matmul(attn, v)
 
 
 # ----------------------------------------------------------------------------------------- modules
@@ -113,6 +131,8 @@ class LongformerAttention(nn.Module):
     in training (own chunk + one random neighbour per forward, full neighbourhood in eval); -1 = own chunk.
     """
 
+    count_release_global_kv = True   # MAC convention of the spec (see macs_adjustment)
+
     def __init__(self, dim: int, num_heads: int, window: int, num_global: int = 1, rpb: bool = True,
                  qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0., mode: int = 0,
                  impl: str = "chunk"):
@@ -136,7 +156,8 @@ class LongformerAttention(nn.Module):
             if num_global:
                 self.g2l_relative_position_bias = nn.Parameter(torch.zeros(2, num_heads, num_global))
                 self.g2g_relative_position_bias = nn.Parameter(torch.zeros(num_heads, num_global, num_global))
-            self.register_buffer("relative_position_index", local_relative_position_index(window).clone(),
+            self.register_buffer("relative_position_index",
+                                 local_relative_position_index(window).to(torch.empty(0).device, copy=True),
                                  persistent=False)
         self._last_grid = None
 
@@ -171,9 +192,7 @@ class LongformerAttention(nn.Module):
                 bias = None
                 if g2g is not None:
                     bias = torch.cat([g2g, g2l[0].unsqueeze(-1).expand(-1, -1, n - g)], dim=-1).to(q.dtype)
-                out_g = F.scaled_dot_product_attention(
-                    q[:, :, :g], k, v, attn_mask=bias, scale=self.scale,
-                    dropout_p=self.attn_drop if self.training else 0.)
+                out_g = _attention(q[:, :, :g], k, v, self.scale, bias, self.attn_drop if self.training else 0.)
                 out = torch.cat([out_g, out_l], dim=2)
             else:
                 out = out_l
@@ -190,7 +209,12 @@ class LongformerAttention(nn.Module):
         nch = (-(-nx // w)) * (-(-ny // w))
         counted = 2 * b * hm * nch * w * w * (9 * w * w + g)           # q.k and attn.v, chunk layout
         valid = 2 * b * hm * (valid_local_pairs(nx, ny, w) + nx * ny * g)
-        return valid - counted
+        adj = valid - counted
+        if self.count_release_global_kv and g:
+            # the release projects k/v of all tokens a second time for its global queries (kv_global, tied to
+            # kv); the spec's MAC figures include it, this implementation computes it once.
+            adj += b * (g + nx * ny) * 2 * hm * hm
+        return adj
 
 
 class FullAttention(nn.Module):
@@ -215,7 +239,7 @@ class FullAttention(nn.Module):
             if num_global:
                 self.g2l_relative_position_bias = nn.Parameter(torch.zeros(2, num_heads, num_global))
                 self.g2g_relative_position_bias = nn.Parameter(torch.zeros(num_heads, num_global, num_global))
-            self.register_buffer("relative_position_index", relative_position_index(self.grid_size),
+            self.register_buffer("relative_position_index", _full_rel_index(self.grid_size).to(torch.empty(0).device),
                                  persistent=False)
         self.stage = 0
 
@@ -239,8 +263,7 @@ class FullAttention(nn.Module):
                 raise _grid_error("the full-attention relative position bias table", self.grid_size, (nx, ny),
                                   self.stage)
             bias = self._bias().to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
-                                             dropout_p=self.attn_drop if self.training else 0.)
+        out = _attention(q, k, v, self.scale, bias, self.attn_drop if self.training else 0.)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
 
@@ -331,7 +354,7 @@ class ViL(nn.Module):
         self.num_global = tuple(num_global)
         self.img_size = img_size
         self.grad_checkpointing = False
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         grid = img_size
         stages, self.feature_info = [], []
         prev, reduction, cur = in_chans, 1, 0

@@ -15,7 +15,7 @@ NPROC="${NPROC:-2}"
 start=$(date +%s)
 
 echo "== 1/4 demo data"
-[[ -f demo_data/manifest.json ]] || "$PY" -m data.demo --out demo_data
+[[ -f demo_data/manifest.json ]] || "$PY" -m data.demo --out demo_data --classes 10 --per-class 300 --size 160
 
 echo "== 2/4 pretrain (ViL-Tiny-RPB @128, ${NPROC} processes, ZeRO-2, bf16)"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m pretrain \

@@ -21,10 +21,13 @@ Implementations (same function, tested against each other forward and backward):
     The readable reference: builds the full ``N x N`` logits and an explicit mask. Memory is quadratic
     in tokens; only for tests and small maps.
 ``sliding_chunk_attention`` (default)
-    Gathers each chunk's 3x3 neighbourhood of keys/values from the zero-padded map as shifted views of
-    the chunk grid (one copy, ``9x`` the keys), prepends the global keys and runs one batched attention
-    per chunk. The mask (which depends only on the chunk and the key, not on the query inside a chunk)
-    and the bias are additive tensors cached per shape; memory is linear in tokens.
+    Gathers, with cached indices (``index_select``, whose backward is a single ``index_add``), each
+    chunk's queries and its keys/values: the global tokens followed by the 3x3 chunk neighbourhood
+    (``g + 9 w^2`` keys, ``9x`` the keys in memory). One batched matmul per chunk gives the logits; the
+    bias (relative position + local->global + an additive ``-inf`` mask that depends only on the chunk
+    and the key, cached per shape) is added in place; softmax; one batched matmul with the values.
+    Memory is linear in tokens. On CPU it avoids the release's 9 rolled einsums and SDPA (slow here
+    with a float mask).
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ def local_relative_position_index(w: int, chunks: tuple[int, ...] = tuple(range(
     Query ``l`` is at ``(l // w, l % w)`` in its chunk; key ``t`` of chunk ``c`` at
     ``(w * dx_c + t // w, w * dy_c + t % w)``.
     """
-    ar = torch.arange(w * w)
+    ar = torch.arange(w * w, device="cpu")
     qx, qy = ar // w, ar % w
     idx = []
     for c in chunks:
@@ -75,10 +78,10 @@ def local_relative_position_index(w: int, chunks: tuple[int, ...] = tuple(range(
 @lru_cache(maxsize=64)
 def _chunk_key_mask(nx: int, ny: int, w: int, chunks: tuple[int, ...], device: str) -> torch.Tensor:
     mx, my = -(-nx // w), -(-ny // w)
-    cx = torch.arange(mx).view(mx, 1, 1, 1)
-    cy = torch.arange(my).view(1, my, 1, 1)
-    t = torch.arange(w * w)
-    off = torch.tensor([CHUNK_OFFSETS[c] for c in chunks])
+    cx = torch.arange(mx, device="cpu").view(mx, 1, 1, 1)
+    cy = torch.arange(my, device="cpu").view(1, my, 1, 1)
+    t = torch.arange(w * w, device="cpu")
+    off = torch.tensor([CHUNK_OFFSETS[c] for c in chunks], device="cpu")
     kx = (cx + off[:, 0].view(1, 1, -1, 1)) * w + (t // w).view(1, 1, 1, -1)   # [mx, 1, nc, w2]
     ky = (cy + off[:, 1].view(1, 1, -1, 1)) * w + (t % w).view(1, 1, 1, -1)    # [1, my, nc, w2]
     valid = (kx >= 0) & (kx < nx) & (ky >= 0) & (ky < ny)                        # [mx, my, nc, w2]
@@ -98,46 +101,45 @@ def valid_local_pairs(nx: int, ny: int, w: int) -> int:
     """Number of (real local query, real local key) pairs of the full neighbourhood (for MAC counting)."""
     mx, my = -(-nx // w), -(-ny // w)
     keys = chunk_key_mask(nx, ny, w).sum(1).view(mx, my)                        # valid keys per chunk
-    qx = torch.clamp(nx - torch.arange(mx) * w, max=w)                          # real query rows per chunk
-    qy = torch.clamp(ny - torch.arange(my) * w, max=w)
+    qx = torch.clamp(nx - torch.arange(mx, device="cpu") * w, max=w)                          # real query rows per chunk
+    qy = torch.clamp(ny - torch.arange(my, device="cpu") * w, max=w)
     return int((keys * qx[:, None] * qy[None, :]).sum())
 
 
 @lru_cache(maxsize=64)
-def _additive_mask(nx, ny, w, chunks, device, dtype):
-    valid = _chunk_key_mask(nx, ny, w, chunks, str(device))
+def _chunk_indices(nx: int, ny: int, w: int, g: int, chunks: tuple[int, ...], device: str):
+    """Cached gather indices of the chunked layout.
+
+    Returns ``(q_idx [nch*w2], kv_idx [nch*(g+K)], inv_idx [nx*ny], valid [nch, g+K])``: local-token index
+    of every chunk query slot (0 for padding), token index (global first) of every key slot of every chunk
+    (0 where masked), position of every local token in the chunked query layout, and key validity.
+    """
+    mx, my = -(-nx // w), -(-ny // w)
+    t = torch.arange(w * w, device="cpu")
+    cx = torch.arange(mx, device="cpu").view(mx, 1, 1)
+    cy = torch.arange(my, device="cpu").view(1, my, 1)
+    qx, qy = cx * w + (t // w).view(1, 1, -1), cy * w + (t % w).view(1, 1, -1)       # [mx, my, w2]
+    qv = (qx < nx) & (qy < ny)
+    q_idx = torch.where(qv, qx * ny + qy, torch.zeros_like(qx)).reshape(-1)
+    valid = chunk_key_mask(nx, ny, w, chunks).view(mx, my, len(chunks), w * w)
+    off = torch.tensor([CHUNK_OFFSETS[c] for c in chunks], device="cpu")
+    kx = (cx.unsqueeze(-1) + off[:, 0].view(1, 1, -1, 1)) * w + (t // w).view(1, 1, 1, -1)
+    ky = (cy.unsqueeze(-1) + off[:, 1].view(1, 1, -1, 1)) * w + (t % w).view(1, 1, 1, -1)
+    k_idx = torch.where(valid, g + kx * ny + ky, torch.zeros_like(kx)).view(mx * my, -1)
+    valid = valid.view(mx * my, -1)
+    if g:
+        k_idx = torch.cat([torch.arange(g, device="cpu").expand(mx * my, g), k_idx], dim=1)
+        valid = torch.cat([torch.ones(mx * my, g, dtype=torch.bool, device="cpu"), valid], dim=1)
+    pos = torch.arange(nx * ny, device="cpu")
+    px, py = pos // ny, pos % ny
+    inv_idx = ((px // w) * my + (py // w)) * (w * w) + (px % w) * w + (py % w)
+    return (q_idx.to(device), k_idx.reshape(-1).to(device), inv_idx.to(device), valid.to(device))
+
+
+@lru_cache(maxsize=64)
+def _additive_mask(nx, ny, w, g, chunks, device, dtype):
+    valid = _chunk_indices(nx, ny, w, g, chunks, str(device))[3]
     return torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill_(~valid, float("-inf"))
-
-
-def _gather_neighbourhood(x: torch.Tensor, nx: int, ny: int, w: int, chunks: tuple[int, ...]) -> torch.Tensor:
-    """``[B, H, nx*ny, M]`` -> ``[B, H, num_chunks, len(chunks) * w^2, M]`` (keys/values of each chunk)."""
-    b, h, _, m = x.shape
-    mx, my = -(-nx // w), -(-ny // w)
-    x = x.view(b, h, nx, ny, m)
-    # one chunk of zeros around the (bottom/right padded) map, so that every offset is a plain slice
-    x = F.pad(x, (0, 0, w, w + my * w - ny, w, w + mx * w - nx))
-    grid = x.view(b, h, mx + 2, w, my + 2, w, m).permute(0, 1, 2, 4, 3, 5, 6)   # [B,H,mx+2,my+2,w,w,M]
-    parts = [grid[:, :, 1 + dx:1 + dx + mx, 1 + dy:1 + dy + my]
-             for dx, dy in (CHUNK_OFFSETS[c] for c in chunks)]
-    out = torch.stack(parts, dim=4)                                              # [B,H,mx,my,nc,w,w,M]
-    return out.reshape(b, h, mx * my, len(chunks) * w * w, m)
-
-
-def _chunk_queries(q: torch.Tensor, nx: int, ny: int, w: int) -> torch.Tensor:
-    b, h, _, m = q.shape
-    mx, my = -(-nx // w), -(-ny // w)
-    q = q.view(b, h, nx, ny, m)
-    if mx * w != nx or my * w != ny:
-        q = F.pad(q, (0, 0, 0, my * w - ny, 0, mx * w - nx))
-    q = q.view(b, h, mx, w, my, w, m).permute(0, 1, 2, 4, 3, 5, 6)
-    return q.reshape(b, h, mx * my, w * w, m)
-
-
-def _unchunk(x: torch.Tensor, nx: int, ny: int, w: int) -> torch.Tensor:
-    b, h, _, _, m = x.shape
-    mx, my = -(-nx // w), -(-ny // w)
-    x = x.view(b, h, mx, my, w, w, m).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, mx * w, my * w, m)
-    return x[:, :, :nx, :ny].reshape(b, h, nx * ny, m)
 
 
 def sliding_chunk_attention(
@@ -146,6 +148,12 @@ def sliding_chunk_attention(
     mode: int = 0,
 ) -> torch.Tensor:
     """Local-query part of ViL attention, memory linear in tokens.
+
+    Every chunk's queries and its keys/values (the ``g`` global tokens, then the neighbour chunks) are
+    gathered with cached indices (``index_select``; its backward is one ``index_add``), so one batched
+    matmul covers each chunk's ``w^2 x (g + 9 w^2)`` logits. Keys outside the map or in zero padding
+    point at an arbitrary token and are masked by an additive ``-inf`` (cached per shape); the bias
+    (relative position + local->global + mask) is added in place in one pass.
 
     Args:
         q: ``[B, H, nx*ny, M]`` local queries (unscaled).
@@ -159,28 +167,26 @@ def sliding_chunk_attention(
     b, h, _, m = q.shape
     g = num_global
     chunks = mode_chunks(mode)
-    qc = _chunk_queries(q * scale, nx, ny, w)                                     # [B,H,nch,w2,M]
-    kc = _gather_neighbourhood(k[:, :, g:], nx, ny, w, chunks)                    # [B,H,nch,K,M]
-    vc = _gather_neighbourhood(v[:, :, g:], nx, ny, w, chunks)
-    nch = qc.shape[2]
-    attn = qc @ kc.transpose(-1, -2)                                              # [B,H,nch,w2,K]
+    w2 = w * w
+    q_idx, k_idx, inv_idx, _ = _chunk_indices(nx, ny, w, g, chunks, str(q.device))
+    nch = q_idx.numel() // w2
+    kn = k_idx.numel() // nch
+    qc = (q * scale).index_select(2, q_idx).view(b, h, nch, w2, m)
+    kc = k.index_select(2, k_idx).view(b, h, nch, kn, m)
+    vc = v.index_select(2, k_idx).view(b, h, nch, kn, m)
+    mask = _additive_mask(nx, ny, w, g, chunks, q.device, q.dtype).view(1, nch, 1, kn)
     if rel_bias is not None:
         if mode != 0:
-            w2 = w * w
             rel_bias = torch.cat([rel_bias[..., c * w2:(c + 1) * w2] for c in chunks], dim=-1)
-        attn = attn + rel_bias.unsqueeze(1)
-    attn = attn + _additive_mask(nx, ny, w, chunks, q.device, attn.dtype).view(nch, 1, -1)
-    if g:
-        ag = torch.einsum("bhnlm,bhgm->bhnlg", qc, k[:, :, :g])                   # [B,H,nch,w2,g]
-        if l2g_bias is not None:
-            ag = ag + l2g_bias.view(1, h, 1, 1, g)
-        attn = torch.cat([ag, attn], dim=-1)
-    attn = attn.softmax(dim=-1)
-    if g:
-        out = attn[..., g:] @ vc + torch.einsum("bhnlg,bhgm->bhnlm", attn[..., :g], v[:, :, :g])
+        if g:
+            rel_bias = torch.cat([l2g_bias.to(rel_bias.dtype)[:, None, :].expand(h, w2, g), rel_bias], dim=-1)
+        bias = (rel_bias.to(q.dtype).unsqueeze(1) + mask)                          # [H, nch, w2, K]
     else:
-        out = attn @ vc
-    return _unchunk(out, nx, ny, w)
+        bias = mask
+    attn = torch.matmul(qc, kc.transpose(-1, -2))                                 # [B, H, nch, w2, K]
+    attn = attn.add_(bias).softmax(dim=-1)
+    out = torch.matmul(attn, vc).view(b, h, nch * w2, m)
+    return out.index_select(2, inv_idx)
 
 
 def dense_longformer2d_attention(
