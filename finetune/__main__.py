@@ -31,6 +31,9 @@ def build_config(recipe, overrides):
 
 def main(argv=None) -> int:
     from pretrain.__main__ import parse_args
+    from pretrain.signals import STOP
+
+    STOP.install()  # first thing: a Slurm signal during start-up must not kill the job
     args = parse_args(argv, description=__doc__)
     try:
         cfg = build_config(args.config, args.overrides)

@@ -16,6 +16,9 @@ def parse_args(argv=None, description=__doc__):
 
 
 def main(argv=None, aliases=None) -> int:
+    from pretrain.signals import STOP
+
+    STOP.install()  # first thing: a Slurm signal during start-up must not kill the job
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, aliases=aliases)

@@ -18,35 +18,46 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class StopRequest:
-    """Records stop requests from signals (or code) and remembers the handlers it displaced."""
+    """Records stop requests from signals (or code) and remembers the handlers it displaced.
+
+    The handler only assigns an int (no lock: a second signal may arrive while the first is handled).
+    """
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
-        self._lock = threading.Lock()
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
     def request(self, signum: int = signal.SIGUSR1) -> None:
-        with self._lock:
-            if self.signum is None:
-                self.signum = signum
+        if self.signum is None:
+            self.signum = signum
 
     def _handler(self, signum, _frame):
-        log.warning("received %s: finishing the step, then checkpointing", signal.Signals(signum).name)
+        if self.signum is None:
+            log.warning("received %s: finishing the step, then checkpointing", signal.Signals(signum).name)
         self.request(signum)
 
     def install(self, signals=STOP_SIGNALS, extra=()) -> None:
-        """Take over ``signals`` (+ ``extra``, e.g. submitit's) in the main thread; keep the old handlers."""
+        """Take over ``signals`` (+ ``extra``, e.g. submitit's) in the main thread; keep the old handlers.
+
+        Idempotent, so ``__main__`` can install at process start (closing the window before training
+        where Slurm's signal would kill the process) and ``train()`` again.
+        """
         if threading.current_thread() is not threading.main_thread():
             return
         for s in tuple(signals) + tuple(extra):
-            self._previous[s] = signal.signal(s, self._handler)
+            if s not in self._previous:
+                self._previous[s] = signal.signal(s, self._handler)
 
     def restore(self) -> None:
+        """Put displaced handlers back; a SIGUSR1 that had none stays ignored (a time-limit signal arriving
+        after the run must not kill a process that is exiting cleanly)."""
         for s, h in self._previous.items():
+            if s == signal.SIGUSR1 and h in (signal.SIG_DFL, None):
+                h = signal.SIG_IGN
             signal.signal(s, h)
         self._previous.clear()
 
