@@ -143,7 +143,7 @@ class MSGWindowAttention(nn.Module):
         b, g, n, c = x.shape
         qkv = self.qkv(x).reshape(b * g, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = self.attn_bias().to(q.dtype)
+        bias = self.attn_bias().to(q.dtype).unsqueeze(0)   # 4-D mask: CPU flash kernel
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
                                                dropout_p=self.attn_drop.p if self.training else 0.)
@@ -274,7 +274,7 @@ class MSGTransformer(nn.Module):
         trunc_normal_(self.msg_tokens, std=.02)
         self.pos_drop = nn.Dropout(p=proj_drop_rate)
 
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
         self.layers = nn.ModuleList()
         self.feature_info = []
         for i in range(self.num_layers):
@@ -343,7 +343,7 @@ class MSGTransformer(nn.Module):
             raise ValueError(f"MSG-Transformer needs H and W to be positive multiples of 32 "
                              f"(stem stride 4 and three stride-2 merges); got {h}x{w}")
 
-    def _stages(self, x: torch.Tensor, take: Optional[set] = None, stop: Optional[int] = None):
+    def _stages(self, x: torch.Tensor, stop: Optional[int] = None):
         """Run the stages. Yields ``(stage index, tokens [B', G, 1+w*w, C], geometry)`` after each stage."""
         self._check_input(x)
         b = x.shape[0]

@@ -1,0 +1,230 @@
+"""MSG-Transformer: release equivalence (golden), checkpoint loading, sizes, counts, timm API."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import models.msg_transformer as msg
+from golden import (LISTINGS, golden_fixtures, listing_state_dict, load_logits, load_meta, make_input,
+                    make_state_dict, read_listing)
+from models.layers.rel_pos import relative_position_index, resize_rel_pos_table_2d
+from models.measure import count_macs, count_params
+
+VARIANTS = ("tiny", "small", "base")
+NAMES = [f"msg_transformer_{v}_{s}" for v in VARIANTS for s in (224, 384)]
+PARAMS = {"tiny": 25_086_116, "small": 55_968_514, "base": 84_392_770}
+MACS = {"tiny": 3.82e9, "small": 8.46e9, "base": 14.24e9}
+
+
+def _meta_model(name, **kw):
+    with torch.device("meta"):
+        return timm.create_model(name, **kw)
+
+
+# ---- numerical equivalence with the release ---------------------------------------------------------
+
+@pytest.mark.parametrize("fixture", golden_fixtures("msg_"), ids=lambda p: p.name)
+def test_golden_logits(fixture):
+    meta = load_meta(fixture)
+    model = timm.create_model(f"msg_transformer_{meta['variant']}_{meta['size']}", drop_path_rate=0.)
+    model = model.double().eval()
+    sd = make_state_dict(read_listing(LISTINGS / meta["listing"]), meta["seed"])
+    model.load_state_dict(msg.checkpoint_filter_fn(sd, model), strict=True)
+    with torch.no_grad():
+        out = model(make_input(**meta["input"]))
+    torch.testing.assert_close(out, load_logits(fixture), atol=1e-8, rtol=1e-8)
+
+
+# ---- checkpoint loading -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_listing_loads_strictly(variant):
+    sd = listing_state_dict(f"msg_{variant}")
+    model = _meta_model(f"msg_transformer_{variant}_224")
+    filtered = msg.checkpoint_filter_fn(sd, model)
+    target = model.state_dict()
+    assert set(filtered) == set(target)
+    for k, v in filtered.items():
+        assert tuple(v.shape) == tuple(target[k].shape), k
+    model.load_state_dict(filtered, strict=True, assign=True)
+
+
+def _with_index_buffers(sd):
+    out = dict(sd)
+    for k in list(sd):
+        if k.endswith("relative_position_bias_table"):
+            out[k.replace("relative_position_bias_table", "relative_position_index")] = relative_position_index((7, 7))
+    return out
+
+
+@pytest.mark.parametrize("wrap", ["model", "module", "state_dict", "model_ema", "prefix", "nested"])
+def test_wrapped_checkpoints(wrap):
+    sd = _with_index_buffers(listing_state_dict("msg_tiny"))
+    if wrap == "prefix":
+        ckpt = {"module." + k: v for k, v in sd.items()}
+    elif wrap == "nested":
+        ckpt = {"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}
+    else:
+        ckpt = {wrap: sd, "optimizer": {}}
+    model = _meta_model("msg_transformer_tiny_224")
+    model.load_state_dict(msg.checkpoint_filter_fn(ckpt, model), strict=True, assign=True)
+
+
+def test_timm_pretrained_file(tmp_path):
+    sd = {k: v.float() for k, v in _with_index_buffers(listing_state_dict("msg_tiny")).items()}
+    path = tmp_path / "msg_tiny.pth"
+    torch.save({"model": sd, "epoch": 300}, path)
+    model = timm.create_model("msg_transformer_tiny_224", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    own = model.state_dict()
+    for k, v in sd.items():
+        if not k.endswith("relative_position_index"):
+            assert torch.equal(own[k], v), k
+
+
+def test_224_checkpoint_into_384_model():
+    sd = listing_state_dict("msg_tiny")
+    model = timm.create_model("msg_transformer_tiny_384", drop_path_rate=0.).eval()
+    filtered = msg.checkpoint_filter_fn(sd, model)
+    key = "layers.0.blocks.0.attn.relative_position_bias_table"
+    assert filtered[key].shape == (23 * 23, 2)
+    expected = F.interpolate(sd[key].t().reshape(1, 2, 13, 13), size=(23, 23), mode="bicubic",
+                             align_corners=False).reshape(2, -1).t()
+    torch.testing.assert_close(filtered[key], expected, atol=1e-12, rtol=0)
+    assert torch.equal(filtered["layers.0.blocks.0.attn.rel_pos_msg"], sd["layers.0.blocks.0.attn.rel_pos_msg"])
+    model.load_state_dict(filtered, strict=True)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 384, 384))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_resize_to_same_size_is_identity():
+    sd = listing_state_dict("msg_tiny")
+    model = _meta_model("msg_transformer_tiny_224")
+    filtered = msg.checkpoint_filter_fn(sd, model)
+    for k, v in sd.items():
+        assert filtered[k] is v
+    table = sd["layers.1.blocks.0.attn.relative_position_bias_table"]
+    assert torch.equal(resize_rel_pos_table_2d(table, (13, 13), mode="bicubic"), table)
+
+
+# ---- counts --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_params_and_macs(variant):
+    model = _meta_model(f"msg_transformer_{variant}_224")
+    assert count_params(model) == PARAMS[variant]
+    macs = count_macs(model, 224)
+    assert abs(macs / MACS[variant] - 1) < 0.01, macs
+    # the 384 model differs only by the 23x23 (instead of 13x13) relative-position tables
+    model384 = _meta_model(f"msg_transformer_{variant}_384")
+    tables = sum(m.relative_position_bias_table.shape[1] for m in model.modules()
+                 if isinstance(m, msg.MSGWindowAttention))
+    assert count_params(model384) == PARAMS[variant] + tables * (23 * 23 - 13 * 13)
+
+
+# ---- build, forward, backward ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_backward_default_size(name):
+    model = timm.create_model(name)
+    size = model.pretrained_cfg["input_size"][-1]
+    assert size == int(name[-3:])
+    model.train()
+    out = model(torch.randn(1, 3, size, size))
+    assert out.shape == (1, 1000)
+    out.sum().backward()
+    assert model.patch_embed.proj.weight.grad is not None
+    assert model.msg_tokens.grad is not None
+
+
+@pytest.mark.parametrize("name,size", [("msg_transformer_tiny_224", 256), ("msg_transformer_tiny_384", 160)])
+def test_other_size_pads(name, size):
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, 3, size, size, requires_grad=True)
+    out = model(x)
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert x.grad is not None
+
+
+def test_head_averages_surviving_msg_tokens():
+    torch.manual_seed(0)
+    model = timm.create_model("msg_transformer_tiny_224", drop_path_rate=0.).eval()
+    with torch.no_grad():
+        x = torch.randn(1, 3, 384, 384)
+        feats = model.forward_features(x)           # 384 with window 7: stage 4 has 12x12 patches -> 2x2 windows
+        assert feats.shape == (1, 2, 2, 512)
+        torch.testing.assert_close(model(x), model.head(feats.mean(dim=(1, 2))))
+        feats = model.forward_features(torch.randn(1, 3, 224, 224))
+        assert feats.shape == (1, 1, 1, 512)
+
+
+def test_bad_input_size_is_a_clear_error():
+    model = timm.create_model("msg_transformer_tiny_224").eval()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.randn(1, 3, 225, 224))
+
+
+def test_shuffle_is_the_papers_permutation():
+    g, c = 4, 8
+    x = torch.arange(2 * g * 3 * c, dtype=torch.float64).reshape(2, g, 3, c)
+    y = msg.shuffle_msg(x)
+    for i in range(g):
+        expected = torch.cat([x[:, j, 0, i * c // g:(i + 1) * c // g] for j in range(g)], dim=-1)
+        torch.testing.assert_close(y[:, i, 0], expected)
+    torch.testing.assert_close(y[:, :, 1:], x[:, :, 1:])
+    torch.testing.assert_close(msg.shuffle_msg(y), x)
+
+
+# ---- dense features ------------------------------------------------------------------------------------
+
+def test_features_only_nchw_at_224_and_nontiling_size():
+    model = timm.create_model("msg_transformer_tiny_224", features_only=True).eval()
+    assert model.feature_info.channels() == [64, 128, 256, 512]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    with torch.no_grad():
+        for h, w in ((224, 224), (320, 480)):
+            feats = model(torch.randn(1, 3, h, w))
+            assert [tuple(f.shape) for f in feats] == [
+                (1, c, h // r, w // r) for c, r in zip((64, 128, 256, 512), (4, 8, 16, 32))]
+
+
+def test_detection_shuffle_sizes_and_intermediates_match_stages():
+    model = timm.create_model("msg_transformer_tiny_224", shuffle_size=(4, 4, 8, 4), drop_path_rate=0.).eval()
+    with torch.no_grad():
+        x = torch.randn(1, 3, 800, 1216)
+        final, inter = model.forward_intermediates(x)
+        assert [f.shape[1] for f in inter] == [64, 128, 256, 512]
+        assert final.shape == (1, 4, 6, 512)        # 25x38 patches -> 4x6 real windows
+        assert torch.isfinite(final).all()
+
+
+# ---- timm API -----------------------------------------------------------------------------------------
+
+def test_grad_checkpointing_matches():
+    torch.manual_seed(0)
+    model = timm.create_model("msg_transformer_tiny_224", drop_path_rate=0.).eval()
+    x = torch.randn(1, 3, 128, 128)
+    ref = model(x)
+    model.set_grad_checkpointing(True)
+    out = model(x)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+
+
+def test_classifier_api_and_layer_decay_groups():
+    model = _meta_model("msg_transformer_tiny_224")
+    assert "msg_tokens" in model.no_weight_decay()
+    model.reset_classifier(10)
+    assert model.get_classifier().out_features == 10
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), torch.nn.Identity)
+    from timm.optim._param_groups import param_groups_layer_decay
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.9)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert len({g["lr_scale"] for g in groups}) > 10      # per-block layer ids
+    matcher = model.group_matcher()
+    assert "stem" in matcher and "blocks" in matcher

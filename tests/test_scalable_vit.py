@@ -1,0 +1,198 @@
+"""ScalableViT: release equivalence (golden), checkpoint loading, sizes, counts, timm API."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import models.scalable_vit as svit
+from golden import (LISTINGS, golden_fixtures, listing_state_dict, load_logits, load_meta, make_input,
+                    make_state_dict, read_listing)
+from models.measure import count_macs, count_params
+
+VARIANTS = ("small", "base", "large")
+NAMES = [f"scalable_vit_{v}_{s}" for v in VARIANTS for s in (224, 384)]
+PARAMS = {"small": 32_000_472, "base": 81_881_624, "large": 109_288_840}
+MACS = {"small": 4.27e9, "base": 8.80e9, "large": 14.99e9}
+
+
+def _meta_model(name, **kw):
+    with torch.device("meta"):
+        return timm.create_model(name, **kw)
+
+
+# ---- numerical equivalence with the release ---------------------------------------------------------
+
+@pytest.mark.parametrize("fixture", golden_fixtures("scalablevit_"), ids=lambda p: p.name)
+def test_golden_logits(fixture):
+    meta = load_meta(fixture)
+    model = timm.create_model(f"scalable_vit_{meta['variant']}_{meta['size']}", drop_path_rate=0.)
+    model = model.double().eval()
+    sd = make_state_dict(read_listing(LISTINGS / meta["listing"]), meta["seed"])
+    model.load_state_dict(svit.checkpoint_filter_fn(sd, model), strict=True)
+    with torch.no_grad():
+        out = model(make_input(**meta["input"]))
+    torch.testing.assert_close(out, load_logits(fixture), atol=1e-8, rtol=1e-8)
+
+
+# ---- checkpoint loading -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", (224, 384))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_listing_loads_strictly(variant, size):
+    sd = listing_state_dict(f"scalablevit_{variant}")
+    model = _meta_model(f"scalable_vit_{variant}_{size}")
+    filtered = svit.checkpoint_filter_fn(sd, model)
+    target = model.state_dict()
+    assert set(filtered) == set(target)
+    for k, v in filtered.items():
+        assert tuple(v.shape) == tuple(target[k].shape), k
+    model.load_state_dict(filtered, strict=True, assign=True)
+
+
+@pytest.mark.parametrize("wrap", ["model", "module", "state_dict", "model_ema", "prefix", "nested"])
+def test_wrapped_checkpoints(wrap):
+    sd = listing_state_dict("scalablevit_small")
+    if wrap == "prefix":
+        ckpt = {"module." + k: v for k, v in sd.items()}
+    elif wrap == "nested":
+        ckpt = {"model": {"module." + k: v for k, v in sd.items()}, "epoch": 3}
+    else:
+        ckpt = {wrap: sd, "optimizer": {}}
+    model = _meta_model("scalable_vit_small_224")
+    model.load_state_dict(svit.checkpoint_filter_fn(ckpt, model), strict=True, assign=True)
+
+
+def test_timm_pretrained_file(tmp_path):
+    sd = {k: v.float() for k, v in listing_state_dict("scalablevit_small").items()}
+    path = tmp_path / "scalablevit_small.pth"
+    torch.save({"model": sd, "epoch": 300}, path)
+    model = timm.create_model("scalable_vit_small_224", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    own = model.state_dict()
+    for k, v in sd.items():
+        assert torch.equal(own[k], v), k
+
+
+def test_224_checkpoint_into_384_model_is_unchanged():
+    sd = listing_state_dict("scalablevit_small")
+    model = timm.create_model("scalable_vit_small_384", drop_path_rate=0.).eval()
+    filtered = svit.checkpoint_filter_fn(sd, model)
+    for k, v in sd.items():
+        assert filtered[k] is v
+    model.load_state_dict(filtered, strict=True)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 384, 384))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+# ---- counts --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_params_and_macs(variant):
+    model = _meta_model(f"scalable_vit_{variant}_224")
+    assert count_params(model) == PARAMS[variant]
+    assert count_params(_meta_model(f"scalable_vit_{variant}_384")) == PARAMS[variant]
+    macs = count_macs(model, 224)
+    assert abs(macs / MACS[variant] - 1) < 0.01, macs
+
+
+def test_plain_head_option():
+    model = _meta_model("scalable_vit_small_224", plain_head=True)
+    assert isinstance(model.head, torch.nn.Linear)
+    assert count_params(model) == PARAMS["small"] - (512 * 4096 + 4096 + 2 * 4096 + 4096 * 1000 + 1000) + 512 * 1000 + 1000
+
+
+# ---- build, forward, backward ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_backward_default_size(name):
+    model = timm.create_model(name)
+    size = model.pretrained_cfg["input_size"][-1]
+    assert size == int(name[-3:])
+    model.train()
+    out = model(torch.randn(1, 3, size, size))
+    assert out.shape == (1, 1000)
+    out.sum().backward()
+    assert model.patch_embeds[0].proj.weight.grad is not None
+    assert model.pos_block[3].proj[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("name,size", [("scalable_vit_small_224", 256), ("scalable_vit_small_384", 160)])
+def test_other_size_pads(name, size):
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, 3, size, size, requires_grad=True)
+    out = model(x)
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert x.grad is not None
+
+
+def test_iwsa_padding_crops_back():
+    """A padded IWSA equals window attention on the zero-padded map (cropped) plus the LIM of the real map."""
+    torch.manual_seed(0)
+    attn = svit.IWSA(32, num_heads=2, qkv_bias=True, ws=7).double().eval()
+    x = torch.randn(1, 10, 12, 32, dtype=torch.float64)
+    out = attn(x)
+    xp = torch.nn.functional.pad(x, (0, 0, 0, 2, 0, 4))             # 14 x 14 tiles
+    ref_lim = attn.lim_func(attn.qkv(x)[..., 64:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    ref_lim_p = attn.lim_func(attn.qkv(xp)[..., 64:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    full = attn(xp)                                                   # no padding path
+    # remove the padded-map LIM and add the real-map LIM through proj's linearity
+    w = attn.proj.weight
+    ref = full[:, :10, :12] - ref_lim_p[:, :10, :12] @ w.t() + ref_lim @ w.t()
+    torch.testing.assert_close(out, ref)
+
+
+def test_bad_input_size_is_a_clear_error():
+    model = timm.create_model("scalable_vit_small_224").eval()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.randn(1, 3, 230, 224))
+
+
+# ---- dense features ------------------------------------------------------------------------------------
+
+def test_features_only_nchw_at_224_and_nontiling_size():
+    model = timm.create_model("scalable_vit_small_224", features_only=True).eval()
+    assert model.feature_info.channels() == [64, 128, 256, 512]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    with torch.no_grad():
+        for h, w in ((224, 224), (320, 480)):
+            feats = model(torch.randn(1, 3, h, w))
+            assert [tuple(f.shape) for f in feats] == [
+                (1, c, h // r, w // r) for c, r in zip((64, 128, 256, 512), (4, 8, 16, 32))]
+
+
+def test_detection_size_features():
+    model = timm.create_model("scalable_vit_small_224", features_only=True, out_indices=(1, 3)).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 800, 1216))
+    assert [tuple(f.shape) for f in feats] == [(1, 128, 100, 152), (1, 512, 25, 38)]
+    assert all(torch.isfinite(f).all() for f in feats)
+
+
+# ---- timm API -----------------------------------------------------------------------------------------
+
+def test_grad_checkpointing_matches():
+    torch.manual_seed(0)
+    model = timm.create_model("scalable_vit_small_224", drop_path_rate=0.).eval()
+    x = torch.randn(1, 3, 128, 128)
+    ref = model(x)
+    model.set_grad_checkpointing(True)
+    out = model(x)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+
+
+def test_classifier_api_and_layer_decay_groups():
+    model = _meta_model("scalable_vit_small_224")
+    assert model.no_weight_decay() == {f"pos_block.{i}.proj.0.{p}" for i in range(4) for p in ("weight", "bias")}
+    assert model.pretrained_cfg["classifier"] == "head.3"
+    model.reset_classifier(10)
+    assert model.get_classifier().out_features == 10 and model.head[0].out_features == 4096
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), torch.nn.Identity)
+    from timm.optim._param_groups import param_groups_layer_decay
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.9)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert len({g["lr_scale"] for g in groups}) > 10
