@@ -30,21 +30,9 @@ def build_config(recipe, overrides):
 
 
 def main(argv=None) -> int:
-    from pretrain.__main__ import parse_args
-    from pretrain.signals import STOP
+    from pretrain.__main__ import run_cli
 
-    STOP.install()  # first thing: a Slurm signal during start-up must not kill the job
-    args = parse_args(argv, description=__doc__)
-    try:
-        cfg = build_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(cfg.to_yaml(), end="")
-        return 0
-    from pretrain.engine import train
-    return train(cfg)
+    return run_cli(argv, build_config, __doc__)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-WRAPPER_KEYS = ("model", "module", "state_dict")
+from models.layers.checkpoint import unwrap_state_dict
+
+WRAPPER_KEYS = ("model", "module", "state_dict")  # without model_ema: EMA weights only on request
 EMA_FILE = "ema.safetensors"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 COMPLETE = "COMPLETE"  # pretrain.checkpoint's marker of a fully written tag
@@ -70,25 +72,21 @@ def _float_cpu(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def unwrap(obj: Any, ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Released checkpoint -> flat ``{name: tensor}``: picks ``model_ema`` (``ema=True``) or
-    ``model``/``module``/``state_dict``, recursively, and strips a ``module.`` prefix."""
+    """Released checkpoint -> flat ``{name: tensor}``: ``model_ema`` first with ``ema=True``, then the
+    plain wrappers and the ``module.`` prefix (``models.layers.checkpoint.unwrap_state_dict``)."""
     if not isinstance(obj, dict):
         raise SourceError(f"checkpoint content is a {type(obj).__name__}, expected a dict of tensors")
     sd = obj
-    for _ in range(4):
-        keys = ("model_ema",) if ema else WRAPPER_KEYS
-        nxt = next((sd[k] for k in keys if isinstance(sd.get(k), dict)), None)
-        if nxt is None and ema and "model_ema" not in sd and any(isinstance(sd.get(k), dict) for k in WRAPPER_KEYS):
+    if ema:
+        if isinstance(sd.get("model_ema"), dict):
+            sd = sd["model_ema"]
+        elif any(isinstance(sd.get(k), dict) for k in WRAPPER_KEYS):
             raise SourceError("ema=True but the checkpoint has no 'model_ema' entry "
                               f"(top-level keys: {sorted(sd)[:10]})")
-        if nxt is None:
-            break
-        sd, ema = nxt, False  # inside model_ema, look only for the plain wrappers
+    sd = unwrap_state_dict(sd, WRAPPER_KEYS)
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise SourceError(f"no tensors found in checkpoint (top-level keys: {sorted(map(str, sd))[:10]})")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors
 
 

@@ -5,11 +5,39 @@ halves the FLOPs: the papers' "FLOPs" are multiply-accumulates. Modules whose ef
 computes more (or fewer) products than the paper's convention counts (e.g. ViL's local attention, which
 is reported as *valid* query-key pairs only) expose ``macs_adjustment(input_shape) -> int`` and are
 corrected by that amount; the hook is recorded per call during the same forward.
+
+``F.scaled_dot_product_attention`` on CPU dispatches to ``aten._scaled_dot_product_flash_attention_for_cpu``,
+which torch 2.13's ``FlopCounterMode`` has no formula for (the families using SDPA would report no
+attention MACs on CPU). Importing this module registers the formula torch uses for the CUDA flash kernel
+(the same two batched matmuls), once, without replacing an existing registration.
 """
 from __future__ import annotations
 
 import torch
+from torch.utils import flop_counter as _fc
 from torch.utils.flop_counter import FlopCounterMode
+
+
+_aten = torch.ops.aten
+
+
+def _register_cpu_sdpa_flops() -> None:
+    pairs = [
+        ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward"),
+    ]
+    for cpu_name, ref_name in pairs:
+        cpu_op = getattr(_aten, cpu_name, None)
+        ref_op = getattr(_aten, ref_name, None)
+        if cpu_op is None or ref_op is None or ref_op not in _fc.flop_registry:
+            continue
+        if cpu_op in _fc.flop_registry:
+            continue
+        # same leading arguments: (query, key, value, ...) and (grad_out, query, key, value, ...)
+        _fc.flop_registry[cpu_op] = _fc.flop_registry[ref_op]
+
+
+_register_cpu_sdpa_flops()
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -55,6 +55,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
+from .layers.checkpoint import unwrap_state_dict
 from .layers.rel_pos import relative_position_index, resize_rel_pos_table_2d
 
 __all__ = ["MSGTransformer", "checkpoint_filter_fn"]
@@ -445,12 +446,6 @@ class MSGTransformer(nn.Module):
 # checkpoint conversion
 # --------------------------------------------------------------------------------------------------
 
-def _unwrap(state_dict: dict) -> dict:
-    for key in ("model", "module", "state_dict", "model_ema"):
-        if isinstance(state_dict, dict) and key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            return _unwrap(state_dict)
-    return state_dict
 
 
 def checkpoint_filter_fn(state_dict: dict, model: MSGTransformer, interpolation: str = "bicubic") -> dict:
@@ -461,12 +456,10 @@ def checkpoint_filter_fn(state_dict: dict, model: MSGTransformer, interpolation:
     resizes relative-position tables whose window differs from the model's (bicubic, as Swin's finetune;
     ``rel_pos_msg`` and ``msg_tokens`` do not depend on the window and are kept).
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     target = model.state_dict()
     out = {}
     for k, v in state_dict.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
         if k.endswith("relative_position_index") or k.startswith("avgpool") or "attn_mask" in k:
             continue
         if k.endswith("relative_position_bias_table") and k in target and v.shape != target[k].shape:

@@ -40,11 +40,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, Mlp, to_2tuple, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .layers import sdpa_flops  # noqa: F401  (CPU SDPA is counted by FlopCounterMode)
+from .layers.checkpoint import unwrap_state_dict
+
 
 __all__ = ["ResTV2", "checkpoint_filter_fn"]
 
@@ -133,14 +134,19 @@ class EMSAv2(nn.Module):
             x = self.sr(x.transpose(1, 2).reshape(B, C, H, W))
             x = self.sr_norm(x.flatten(2).transpose(1, 2))
         k, v = self.kv(x).reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            # CPU training: at these shapes (few keys) the explicit matmuls back-propagate faster than
+            # the CPU flash kernel; elsewhere (GPU, inference) the fused kernel is used
+            out = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = out.transpose(1, 2).reshape(B, N, C)
         # up branch on V; channels stay head-major (the release's v.transpose(-1, -2).reshape)
-        up = v.transpose(-1, -2).reshape(B, C, H // r, W // r)
-        up = self.up(up)
-        if r > 1:
-            up = F.pixel_shuffle(up, r)
-        up = self.up_norm(up.flatten(2).transpose(1, 2))
+        h_, w_ = H // r, W // r
+        up = self.up(v.transpose(-1, -2).reshape(B, C, h_, w_))
+        # pixel-shuffle(r) straight into token order (B, H*W, C): one copy instead of two
+        up = up.view(B, C, r, r, h_, w_).permute(0, 4, 2, 5, 3, 1).reshape(B, N, C)
+        up = self.up_norm(up)
         return self.proj(out + up)
 
 
@@ -196,8 +202,13 @@ class ResTV2(nn.Module):
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             dense_norms: bool = False,
+            img_size: Optional[Union[int, Tuple[int, int]]] = None,
     ):
         super().__init__()
+        # No position tables: any multiple of 32 runs. img_size is accepted (and only validated) so every
+        # family takes the engine's model.img_size.
+        if img_size is not None:
+            self._check_size(torch.empty(0, 0, *to_2tuple(img_size)))
         assert global_pool in ("avg", "")
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -206,7 +217,7 @@ class ResTV2(nn.Module):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False
 
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         stages = []
         self.feature_info = []
         for i in range(len(depths)):
@@ -343,16 +354,7 @@ class ResTV2(nn.Module):
 
 # -------------------------------------------------------------------------------------- checkpoint filter
 
-_WRAPPER_KEYS = ("model", "module", "state_dict", "model_ema")
 
-
-def _unwrap(state_dict: dict) -> dict:
-    for key in _WRAPPER_KEYS:
-        if key in state_dict and isinstance(state_dict[key], dict):
-            return _unwrap(state_dict[key])
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
 
 
 def _remap_key(k: str) -> str:
@@ -375,7 +377,7 @@ def checkpoint_filter_fn(state_dict: dict, model: ResTV2) -> dict:
     ``features_only`` model (freshly initialised) when the source is a classification checkpoint.
     A classification head in the source is dropped if the model has none (features_only / num_classes=0).
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     target = model.state_dict()
     out = {}
     for k, v in state_dict.items():

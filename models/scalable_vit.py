@@ -48,6 +48,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
+from .layers.checkpoint import unwrap_state_dict
 from .layers.peg import PosConv
 
 __all__ = ["ScalableViT", "checkpoint_filter_fn"]
@@ -388,11 +389,6 @@ class ScalableViT(nn.Module):
 # checkpoint conversion
 # --------------------------------------------------------------------------------------------------
 
-def _unwrap(state_dict: dict) -> dict:
-    for key in ("model", "module", "state_dict", "model_ema"):
-        if isinstance(state_dict, dict) and key in state_dict and isinstance(state_dict[key], dict):
-            return _unwrap(state_dict[key])
-    return state_dict
 
 
 def checkpoint_filter_fn(state_dict: dict, model: ScalableViT) -> dict:
@@ -402,13 +398,7 @@ def checkpoint_filter_fn(state_dict: dict, model: ScalableViT) -> dict:
     Names and shapes are the release's and nothing depends on the input size or window, so no resizing
     is needed (a 224 checkpoint loads into a ``*_384`` model unchanged).
     """
-    state_dict = _unwrap(state_dict)
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
-        out[k] = v
-    return out
+    return dict(unwrap_state_dict(state_dict))
 
 
 def _create_scalable_vit(variant: str, pretrained: bool = False, **kwargs) -> ScalableViT:

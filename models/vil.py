@@ -36,6 +36,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
+from .layers.checkpoint import unwrap_state_dict
 from .layers.longformer2d import (
     dense_longformer2d_attention, local_relative_position_index, sliding_chunk_attention,
     valid_local_pairs,
@@ -490,7 +491,6 @@ class ViL(nn.Module):
 
 # ----------------------------------------------------------------------------------------- checkpoints
 
-_WRAPPER_KEYS = ("state_dict", "model", "module", "model_ema")
 
 
 def _official_to_ours(key: str) -> Optional[str]:
@@ -525,12 +525,7 @@ def checkpoint_filter_fn(state_dict: dict, model: ViL, interpolation: str = "bil
       are dropped so that the caller decides (finetune's ``head=keep|reinit|map21k``; timm's
       ``pretrained=True`` with another ``num_classes`` drops the head itself).
     """
-    sd = state_dict
-    for wk in _WRAPPER_KEYS:
-        if isinstance(sd, dict) and wk in sd and isinstance(sd[wk], dict):
-            sd = sd[wk]
-            break
-    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    sd = unwrap_state_dict(state_dict)
     target = model.state_dict()
     out = {}
     for k, v in sd.items():

@@ -15,13 +15,14 @@ def parse_args(argv=None, description=__doc__):
     return p.parse_args(argv)
 
 
-def main(argv=None, aliases=None) -> int:
+def run_cli(argv=None, build_config=load_config, description=__doc__) -> int:
+    """Shared by ``python -m pretrain`` and ``python -m finetune``: config -> (print | train) -> exit code."""
     from pretrain.signals import STOP
 
     STOP.install()  # first thing: a Slurm signal during start-up must not kill the job
-    args = parse_args(argv)
+    args = parse_args(argv, description)
     try:
-        cfg = load_config(args.config, args.overrides, aliases=aliases)
+        cfg = build_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -31,6 +32,10 @@ def main(argv=None, aliases=None) -> int:
     from pretrain.engine import train
 
     return train(cfg)
+
+
+def main(argv=None) -> int:
+    return run_cli(argv)
 
 
 if __name__ == "__main__":
