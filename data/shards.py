@@ -18,6 +18,7 @@ import os
 import re
 import tarfile
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -338,10 +339,15 @@ def validated_index(tar_path: str, exts=("jpg", "cls"), deep="markers") -> Tuple
                 continue
             good_raw.append([c for c in comps if c[0] in exts])
             good.append((jo, js, co, cs, key))
-    write_index(good_raw, cache + ".idx")
-    with open(cache + ".json.tmp", "w") as f:
+    # Every rank of every job on this machine may validate the same shard at once: write both files under
+    # process-unique names and rename them into place (index first; readers need both), so no reader ever
+    # sees a half-written file.
+    tmp = f".{os.getpid()}.{threading.get_ident()}.tmp"
+    write_index(good_raw, cache + ".idx" + tmp)
+    os.replace(cache + ".idx" + tmp, cache + ".idx")
+    with open(cache + ".json" + tmp, "w") as f:
         json.dump({"samples": good, "problems": problems}, f)
-    os.replace(cache + ".json.tmp", cache + ".json")
+    os.replace(cache + ".json" + tmp, cache + ".json")
     return cache + ".idx", good, problems
 
 

@@ -123,7 +123,10 @@ class SlurmCluster:
         self.munge_pid = self.root / "munged.pid"
         self.ctld_pid = self.root / "slurmctld.pid"
         self.logs = self.root / "log"
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        # What jobs inherit (sbatch exports the submitter's environment): never a rendezvous of this process.
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        self.env["SLURM_CONF"] = str(self.conf)
         for var in [k for k in self.env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
             if var != "SLURM_CONF":  # running the tests inside a Slurm job must not leak that job's values
                 del self.env[var]

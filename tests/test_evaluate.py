@@ -12,11 +12,20 @@ from pretrain.metrics import topk_correct
 
 @pytest.fixture(scope="module")
 def world1():
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    """A 1-process gloo group; the rendezvous variables are removed again (subprocesses started later,
+    e.g. sbatch jobs, must not inherit them)."""
+    from engine_utils import free_port
+
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def test_topk_ignores_padding():

@@ -1,0 +1,215 @@
+"""ResTv2: golden equivalence with the released code, released checkpoint formats, counts, timm API."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import timm
+import torch
+
+import models.restv2 as restv2
+from golden import LISTINGS, golden_fixtures, load_logits, load_meta, make_input, make_state_dict, read_listing
+from golden import listing_state_dict as _listing_state_dict
+from models.measure import count_macs, count_params
+from timm.optim import param_groups_layer_decay
+
+VARIANTS = ("tiny", "small", "base", "large")
+PARAMS = {"tiny": 30_434_776, "small": 41_205_976, "base": 55_965_208, "large": 86_532_520}
+MACS_224 = {"tiny": 4.08e9, "small": 5.95e9, "base": 7.86e9, "large": 13.80e9}
+MACS_384 = {"tiny": 12.63e9, "small": 18.38e9, "base": 24.25e9, "large": 42.29e9}
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_listing(name: str) -> tuple:
+    return tuple(_listing_state_dict(name).items())
+
+
+def listing_state_dict(name: str) -> dict:
+    """Synthesised released-format dict (generated once per listing, a fresh dict each call)."""
+    return dict(_cached_listing(name))
+
+
+NAMES = [f"restv2_{v}_{s}" for v in VARIANTS for s in (224, 384)]
+FIXTURES = golden_fixtures("restv2_")
+
+
+def _meta_model(name: str, **kwargs):
+    with torch.device("meta"):
+        return timm.create_model(name, **kwargs)
+
+
+def test_registered():
+    assert set(NAMES) <= set(timm.list_models("restv2_*"))
+    for name in NAMES:
+        cfg = timm.get_pretrained_cfg(name)
+        size = int(name[-3:])
+        assert cfg.num_classes == 1000 and cfg.input_size == (3, size, size)
+        assert cfg.crop_pct == 1.0 and cfg.interpolation == "bicubic"
+        if size == 384:
+            assert cfg.crop_mode == "squash"  # the release warps to 384x384 without a crop
+
+
+def test_fixtures_discovered():
+    assert FIXTURES, "no restv2_* golden fixtures found"
+
+
+@pytest.mark.parametrize("fixture", FIXTURES, ids=[f.name for f in FIXTURES])
+def test_golden(fixture):
+    meta = load_meta(fixture)
+    size = meta["input"]["size"]
+    model = timm.create_model(f"restv2_{meta['variant']}_{size}", num_classes=meta["num_classes"]).double().eval()
+    sd = make_state_dict(read_listing(LISTINGS / meta["listing"]), meta["seed"])
+    model.load_state_dict(restv2.checkpoint_filter_fn(sd, model), strict=True)
+    with torch.no_grad():
+        logits = model(make_input(**meta["input"]))
+    torch.testing.assert_close(logits, load_logits(fixture), atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_listing_loads_strictly(variant):
+    """Every released key is consumed, with its shape, and nothing of the model is left out."""
+    sd = listing_state_dict(f"restv2_{variant}")
+    model = _meta_model(f"restv2_{variant}_224")
+    out = restv2.checkpoint_filter_fn(sd, model)
+    target = model.state_dict()
+    assert set(out) == set(target)
+    assert all(tuple(out[k].shape) == tuple(target[k].shape) for k in out)
+    model.load_state_dict(out, strict=True, assign=True)
+    # wrapper keys and the DDP prefix
+    for wrapper in ("model", "module", "state_dict", "model_ema"):
+        wrapped = {wrapper: {"module." + k: v for k, v in sd.items()}}
+        assert set(restv2.checkpoint_filter_fn(wrapped, model)) == set(target)
+
+
+def test_filter_rejects_unknown_and_misshaped():
+    model = _meta_model("restv2_tiny_224")
+    sd = listing_state_dict("restv2_tiny")
+    with pytest.raises(KeyError, match="unexpected key"):
+        restv2.checkpoint_filter_fn({**sd, "stage1.0.attn.bogus": torch.zeros(1)}, model)
+    bad = dict(sd)
+    bad["stage1.0.attn.q.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="shape"):
+        restv2.checkpoint_filter_fn(bad, model)
+
+
+def test_224_to_384_is_identity():
+    sd = listing_state_dict("restv2_tiny")
+    out = restv2.checkpoint_filter_fn(sd, _meta_model("restv2_tiny_384"))
+    ref = restv2.checkpoint_filter_fn(sd, _meta_model("restv2_tiny_224"))
+    assert set(out) == set(ref)
+    # every released tensor arrives unchanged (the very same tensor), exactly as for the 224 model
+    ids = {id(v) for v in sd.values()}
+    assert {id(v) for v in out.values()} >= ids
+    for k in out:
+        if id(out[k]) in ids:
+            assert out[k] is ref[k]
+        else:
+            assert k.endswith("num_batches_tracked")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_counts(variant):
+    model = _meta_model(f"restv2_{variant}_224")
+    assert count_params(model) == PARAMS[variant] == count_params(_meta_model(f"restv2_{variant}_384"))
+    assert count_macs(model, 224) == pytest.approx(MACS_224[variant], rel=0.01)
+    assert count_macs(model, 384) == pytest.approx(MACS_384[variant], rel=0.002)
+
+
+def test_macs_cpu_equals_meta():
+    """The CPU fused attention kernel is counted (models/measure.py)."""
+    cpu = timm.create_model("restv2_tiny_224")
+    assert count_macs(cpu, 224) == count_macs(_meta_model("restv2_tiny_224"), 224)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_backward(variant):
+    """The registered 384 model (224 one: built on meta in test_counts) trains at 384 and at 224."""
+    model = timm.create_model(f"restv2_{variant}_384", drop_path_rate=0.1)
+    for size in (384, 224):
+        model.zero_grad(set_to_none=True)
+        out = model(torch.randn(1, 3, size, size))
+        assert out.shape == (1, 1000)
+        out.sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+
+
+def test_other_sizes_and_clear_error():
+    model = timm.create_model("restv2_tiny_224", num_classes=10).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 160, 288)).shape == (1, 10)
+        assert model.forward_features(torch.randn(1, 3, 256, 256)).shape == (1, 768, 8, 8)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.randn(1, 3, 230, 224))
+
+
+def test_features_only():
+    model = timm.create_model("restv2_tiny_224", features_only=True).eval()
+    assert model.feature_info.channels() == [96, 192, 384, 768]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 224, 224))
+    assert [tuple(f.shape) for f in feats] == [(1, 96, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)]
+    # detection output norms exist only here, the classification norm/head are gone
+    n_out_norms = 2 * (96 + 192 + 384 + 768)
+    assert count_params(model) == PARAMS["tiny"] - (768 * 1000 + 1000) - 2 * 768 + n_out_norms
+    cls = _meta_model("restv2_tiny_224")
+    assert not any(k.startswith("out_norms") for k in cls.state_dict())
+
+
+def test_pretrained_file_and_detection_keys(tmp_path):
+    """timm's pretrained path runs checkpoint_filter_fn on a released file (wrapped, DDP-prefixed)."""
+    sd = {k: v.float() for k, v in listing_state_dict("restv2_tiny").items()}
+    path = tmp_path / "restv2_tiny.pth"
+    torch.save({"model": {"module." + k: v for k, v in sd.items()}, "epoch": 3}, path)
+    model = timm.create_model("restv2_tiny_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(model.stages[2].blocks[5].mlp.fc2.weight, sd["stage3.5.mlp.fc2.weight"])
+    assert torch.equal(model.stages[1].downsample.pos.pa_conv.bias, sd["patch_2.pos.pa_conv.bias"])
+    # a classification checkpoint into a features_only model: detection norms start fresh
+    feat = timm.create_model("restv2_tiny_224", pretrained=True, features_only=True,
+                             pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(feat.model.stages[0].blocks[0].attn.up.weight, sd["stage1.0.attn.up.0.weight"])
+    # the release's detectron2 backbone keys (norm_{i}.0.*) map onto the output norms
+    det = {k: v for k, v in sd.items() if not k.startswith(("head.", "norm."))}
+    det.update({f"norm_{i}.0.weight": torch.full((c,), 2.0) for i, c in enumerate([96, 192, 384, 768], 1)})
+    det.update({f"norm_{i}.0.bias": torch.zeros(c) for i, c in enumerate([96, 192, 384, 768], 1)})
+    fmodel = timm.create_model("restv2_tiny_224", features_only=True).model
+    fmodel.load_state_dict(restv2.checkpoint_filter_fn(det, fmodel), strict=True)
+    assert torch.equal(fmodel.out_norms[3].weight, torch.full((768,), 2.0))
+
+
+def test_features_match_golden_stages():
+    """Raw stage outputs (forward_intermediates of the classification model) equal the release's."""
+    fixture = next(f for f in FIXTURES if f.name == "restv2_tiny_224")
+    if not (fixture / "features.pt").exists():
+        pytest.skip("features.pt not copied into tests/fixtures (see shared/golden)")
+    meta = load_meta(fixture)
+    feats = torch.load(fixture / "features.pt", weights_only=True)
+    model = timm.create_model("restv2_tiny_224").double().eval()
+    model.load_state_dict(restv2.checkpoint_filter_fn(listing_state_dict("restv2_tiny"), model), strict=True)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(make_input(**meta["input"]))
+        pooled = model.forward_head(final, pre_logits=True)
+    for i, f in enumerate(inter):
+        torch.testing.assert_close(f[0, ::f.shape[1] // 16], feats[f"stage{i + 1}"], atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(pooled, feats["head_input"], atol=1e-8, rtol=1e-8)
+
+
+def test_model_api():
+    model = timm.create_model("restv2_tiny_224").eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(x)
+        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (1, 768)
+        model.set_grad_checkpointing(True)
+        torch.testing.assert_close(model(x), ref)
+    model.set_grad_checkpointing(True)
+    model.train()
+    model(x).sum().backward()
+    assert model.no_weight_decay() == set()
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.75)
+    assert sum(p.numel() for g in groups for p in g["params"]) == PARAMS["tiny"]
+    model.reset_classifier(5)
+    assert model.get_classifier().out_features == 5
+    assert model(x).shape == (1, 5)
+    model.reset_classifier(0)
+    assert model(x).shape == (1, 768)
