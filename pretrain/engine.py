@@ -169,8 +169,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """Our config -> DeepSpeed's (ZeRO stage, bf16, clipping, accumulation, offload)."""
     t, ds = cfg.train, cfg.deepspeed
     zero = {"stage": ds.zero_stage}
+    zero_force_cpu = True
     if ds.offload in ("optimizer", "both"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        # our client optimizer (torch AdamW / QHM) steps the offloaded fp32 master weights on the CPU
+        zero_force_cpu = False
     if ds.offload in ("param", "both"):
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.zero_stage == 3:
@@ -183,6 +186,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "bf16": {"enabled": cfg.precision == "bf16"},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": zero_force_cpu,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
