@@ -67,3 +67,21 @@ def load_meta(fixture: Path) -> dict:
 
 def load_logits(fixture: Path) -> torch.Tensor:
     return torch.load(fixture / "logits.pt", weights_only=True)
+
+
+def assert_reproduces_release(model_name: str, fixture: Path, **create_kwargs) -> None:
+    """The golden check (README "How to use the fixtures"): our model, float64 *before* loading, loads the
+    generated released-format dict strictly through its family's checkpoint_filter_fn and reproduces the
+    release's logits at 1e-8."""
+    import sys
+
+    import timm
+
+    meta = load_meta(fixture)
+    model = timm.create_model(model_name, drop_path_rate=0.0, **create_kwargs).double().eval()
+    filter_fn = sys.modules[type(model).__module__].checkpoint_filter_fn
+    sd = make_state_dict(read_listing(LISTINGS / meta["listing"]), meta["seed"])
+    model.load_state_dict(filter_fn(sd, model), strict=True)
+    with torch.no_grad():
+        out = model(make_input(**meta["input"]))
+    torch.testing.assert_close(out, load_logits(fixture), atol=1e-8, rtol=1e-8)

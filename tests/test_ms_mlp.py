@@ -8,7 +8,7 @@ import timm
 import torch
 
 import models.ms_mlp as ms_mlp
-from golden import LISTINGS, golden_fixtures, load_logits, load_meta, make_input, make_state_dict, read_listing
+from golden import assert_reproduces_release, golden_fixtures, load_meta, make_input
 from golden import listing_state_dict as _listing_state_dict
 from models.measure import count_macs, count_params
 from timm.optim import param_groups_layer_decay
@@ -51,13 +51,8 @@ def test_fixtures_discovered():
 @pytest.mark.parametrize("fixture", FIXTURES, ids=[f.name for f in FIXTURES])
 def test_golden(fixture):
     meta = load_meta(fixture)
-    size = meta["input"]["size"]
-    model = timm.create_model(f"ms_mlp_{meta['variant']}_{size}", num_classes=meta["num_classes"]).double().eval()
-    sd = make_state_dict(read_listing(LISTINGS / meta["listing"]), meta["seed"])
-    model.load_state_dict(ms_mlp.checkpoint_filter_fn(sd, model), strict=True)
-    with torch.no_grad():
-        logits = model(make_input(**meta["input"]))
-    torch.testing.assert_close(logits, load_logits(fixture), atol=1e-8, rtol=1e-8)
+    assert_reproduces_release(f"ms_mlp_{meta['variant']}_{meta['input']['size']}", fixture,
+                              num_classes=meta["num_classes"])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -169,8 +164,6 @@ def test_pretrained_file(tmp_path):
 
 def test_features_match_golden_stages():
     fixture = next(f for f in FIXTURES if f.name == "msmlp_tiny_224")
-    if not (fixture / "features.pt").exists():
-        pytest.skip("features.pt not copied into tests/fixtures (see shared/golden)")
     meta = load_meta(fixture)
     feats = torch.load(fixture / "features.pt", weights_only=True)
     model = timm.create_model("ms_mlp_tiny_224").double().eval()

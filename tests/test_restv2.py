@@ -8,7 +8,7 @@ import timm
 import torch
 
 import models.restv2 as restv2
-from golden import LISTINGS, golden_fixtures, load_logits, load_meta, make_input, make_state_dict, read_listing
+from golden import assert_reproduces_release, golden_fixtures, load_meta, make_input
 from golden import listing_state_dict as _listing_state_dict
 from models.measure import count_macs, count_params
 from timm.optim import param_groups_layer_decay
@@ -56,13 +56,8 @@ def test_fixtures_discovered():
 @pytest.mark.parametrize("fixture", FIXTURES, ids=[f.name for f in FIXTURES])
 def test_golden(fixture):
     meta = load_meta(fixture)
-    size = meta["input"]["size"]
-    model = timm.create_model(f"restv2_{meta['variant']}_{size}", num_classes=meta["num_classes"]).double().eval()
-    sd = make_state_dict(read_listing(LISTINGS / meta["listing"]), meta["seed"])
-    model.load_state_dict(restv2.checkpoint_filter_fn(sd, model), strict=True)
-    with torch.no_grad():
-        logits = model(make_input(**meta["input"]))
-    torch.testing.assert_close(logits, load_logits(fixture), atol=1e-8, rtol=1e-8)
+    assert_reproduces_release(f"restv2_{meta['variant']}_{meta['input']['size']}", fixture,
+                              num_classes=meta["num_classes"])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -180,8 +175,6 @@ def test_pretrained_file_and_detection_keys(tmp_path):
 def test_features_match_golden_stages():
     """Raw stage outputs (forward_intermediates of the classification model) equal the release's."""
     fixture = next(f for f in FIXTURES if f.name == "restv2_tiny_224")
-    if not (fixture / "features.pt").exists():
-        pytest.skip("features.pt not copied into tests/fixtures (see shared/golden)")
     meta = load_meta(fixture)
     feats = torch.load(fixture / "features.pt", weights_only=True)
     model = timm.create_model("restv2_tiny_224").double().eval()

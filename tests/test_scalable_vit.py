@@ -6,8 +6,7 @@ import timm
 import torch
 
 import models.scalable_vit as svit
-from golden import (LISTINGS, golden_fixtures, listing_state_dict, load_logits, load_meta, make_input,
-                    make_state_dict, read_listing)
+from golden import assert_reproduces_release, golden_fixtures, listing_state_dict, load_meta
 from models.measure import count_macs, count_params
 
 VARIANTS = ("small", "base", "large")
@@ -26,13 +25,7 @@ def _meta_model(name, **kw):
 @pytest.mark.parametrize("fixture", golden_fixtures("scalablevit_"), ids=lambda p: p.name)
 def test_golden_logits(fixture):
     meta = load_meta(fixture)
-    model = timm.create_model(f"scalable_vit_{meta['variant']}_{meta['size']}", drop_path_rate=0.)
-    model = model.double().eval()
-    sd = make_state_dict(read_listing(LISTINGS / meta["listing"]), meta["seed"])
-    model.load_state_dict(svit.checkpoint_filter_fn(sd, model), strict=True)
-    with torch.no_grad():
-        out = model(make_input(**meta["input"]))
-    torch.testing.assert_close(out, load_logits(fixture), atol=1e-8, rtol=1e-8)
+    assert_reproduces_release(f"scalable_vit_{meta['variant']}_{meta['size']}", fixture)
 
 
 # ---- checkpoint loading -------------------------------------------------------------------------------
