@@ -83,11 +83,8 @@ def _time(fn, reps, device, warmup=1):
 
 def bench_model(args) -> None:
     import timm
-    try:
-        import models  # noqa: F401  (registers every family)
-    except Exception as e:  # a half-written family must not stop benchmarking the others
-        print(f"warning: import models failed ({e!r}); registering ViL only", file=sys.stderr)
-        import models.vil  # noqa: F401
+
+    import models  # noqa: F401  (registers every family)
     from models.measure import count_macs, count_params
 
     device = torch.device(args.device)

@@ -347,7 +347,6 @@ class MSGTransformer(nn.Module):
     def _stages(self, x: torch.Tensor, stop: Optional[int] = None):
         """Run the stages. Yields ``(stage index, tokens [B', G, 1+w*w, C], geometry)`` after each stage."""
         self._check_input(x)
-        b = x.shape[0]
         win = self.window_size
         t = self.pos_drop(self.patch_embed(x))                       # [B, h, w, C]
         msg = None                                                   # [B, nwh, nww, C] after a merge

@@ -34,7 +34,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "CHUNK_OFFSETS", "mode_chunks", "local_relative_position_index", "chunk_key_mask",
