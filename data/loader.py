@@ -148,6 +148,15 @@ class _LoaderBase:
             log.warning("data: %s: %d sample(s) skipped at indexing (see warnings above)", self.source, self.skipped)
 
     # rank ranges ---------------------------------------------------------------------------------
+    def _init_pipeline(self) -> None:
+        """Build the configured pipeline once a subclass has set its per-rank sizes."""
+        if self.pipeline == "dali":
+            self._dali_init()
+        elif self.pipeline == "torch":
+            self._torch_init()
+        else:
+            raise ValueError(f"data.pipeline={self.pipeline!r}: use 'dali' or 'torch'")
+
     def _range(self, shard_id: int) -> Tuple[int, int]:
         n, w = self.num_samples, self.world_size
         return n * shard_id // w, n * (shard_id + 1) // w
@@ -509,12 +518,7 @@ class TrainLoader(_LoaderBase, _TorchMixin, _DaliMixin):
                              f"batch of {self.micro_batch}; lower train.micro_batch or use more data")
         self.samples_per_epoch = self.steps_per_epoch * self.micro_batch * self.world_size
         self._restore = None
-        if self.pipeline == "dali":
-            self._dali_init()
-        elif self.pipeline == "torch":
-            self._torch_init()
-        else:
-            raise ValueError(f"data.pipeline={self.pipeline!r}: use 'dali' or 'torch'")
+        self._init_pipeline()
 
     def _shard_id(self, epoch: int) -> int:
         return (self.rank + epoch) % self.world_size
@@ -598,12 +602,7 @@ class EvalLoader(_LoaderBase, _TorchMixin, _DaliMixin):
         max_rank = max(self._range(r)[1] - self._range(r)[0] for r in range(self.world_size))
         self.steps_per_epoch = -(-max_rank // B)
         self.samples_per_epoch = self.num_samples
-        if self.pipeline == "dali":
-            self._dali_init()
-        elif self.pipeline == "torch":
-            self._torch_init()
-        else:
-            raise ValueError(f"data.pipeline={self.pipeline!r}: use 'dali' or 'torch'")
+        self._init_pipeline()
 
     def __iter__(self):
         a, b = self._range(self.rank)

@@ -108,15 +108,19 @@ def saved_world_size(ckpt_dir: Path, tag: str) -> int:
     return int((ckpt_dir / tag / COMPLETE).read_text().split()[0])
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, dict]:
-    """Collective: restore model/optimizer via DeepSpeed; returns (common client state, this rank's)."""
-    world = dist.get_world_size()
+def check_world_size(ckpt_dir: Path, tag: str, world: int) -> None:
+    """Refuse, before anything is loaded or written, a checkpoint written by another number of processes."""
     saved = saved_world_size(ckpt_dir, tag)
     if saved != world:
         raise CheckpointError(
             f"checkpoint {ckpt_dir / tag} was written by {saved} processes, this job has {world}. "
-            "Resume with the same number of processes, or start a new run from its weights with "
+            f"Resume with {saved} processes, or start a new run from its weights with "
             f"finetune.init={ckpt_dir / tag} (model weights only). Nothing was modified.")
+
+
+def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, dict]:
+    """Collective: restore model/optimizer via DeepSpeed; returns (common client state, this rank's)."""
+    check_world_size(ckpt_dir, tag, dist.get_world_size())
     path, common = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if path is None:

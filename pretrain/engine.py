@@ -329,12 +329,7 @@ def _train(cfg: Config, rank: int, world: int) -> int:
         raise TrainingError(f"run.resume=never but {ckpt_dir} holds checkpoints: use a new run.dir "
                             "or run.resume=auto")
     if resume_tag is not None:
-        saved = ckpt.saved_world_size(resume_dir, resume_tag)
-        if saved != world:
-            raise ckpt.CheckpointError(
-                f"checkpoint {resume_dir / resume_tag} was written by {saved} processes, this job has {world}. "
-                f"Resume with {saved} processes, or start a new run from its weights with "
-                f"finetune.init={resume_dir / resume_tag}. Nothing was modified.")
+        ckpt.check_world_size(resume_dir, resume_tag, world)
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
