@@ -165,10 +165,11 @@ class MSGBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, mlp_ratio: float = 4.,
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0.,
                  attn_drop: float = 0., drop_path: float = 0., act_layer=nn.GELU, norm_layer=nn.LayerNorm,
-                 shuffle: bool = True):
+                 shuffle: bool = True, fused_attn: bool = True):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = MSGWindowAttention(dim, num_heads, window_size, qkv_bias, qk_scale, attn_drop, drop)
+        self.attn = MSGWindowAttention(dim, num_heads, window_size, qkv_bias, qk_scale, attn_drop, drop,
+                                       fused_attn=fused_attn)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
@@ -201,7 +202,7 @@ class BasicLayer(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float = 4.,
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0.,
                  attn_drop: float = 0., drop_path: Union[float, List[float]] = 0., norm_layer=nn.LayerNorm,
-                 downsample: bool = False, shuffle: bool = True):
+                 downsample: bool = False, shuffle: bool = True, fused_attn: bool = True):
         super().__init__()
         self.dim = dim
         self.depth = depth
@@ -210,7 +211,7 @@ class BasicLayer(nn.Module):
         self.blocks = nn.ModuleList([
             MSGBlock(dim, num_heads, window_size, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop,
                      drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
-                     norm_layer=norm_layer, shuffle=shuffle)
+                     norm_layer=norm_layer, shuffle=shuffle, fused_attn=fused_attn)
             for i in range(depth)])
         self.downsample = PatchMerging(dim, norm_layer) if downsample else None
 
@@ -248,7 +249,7 @@ class MSGTransformer(nn.Module):
                  mlp_ratio: float = 4., qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  drop_rate: float = 0., proj_drop_rate: float = 0., attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1, norm_layer=nn.LayerNorm, patch_norm: bool = True,
-                 shuffle_size=(4, 4, 2, 1), manip_type: str = "shuf", **kwargs):
+                 shuffle_size=(4, 4, 2, 1), manip_type: str = "shuf", fused_attn: bool = True):
         super().__init__()
         if manip_type not in ("shuf", "none"):
             raise ValueError(f"manip_type must be 'shuf' or 'none', got {manip_type!r}")
@@ -283,7 +284,7 @@ class MSGTransformer(nn.Module):
             self.layers.append(BasicLayer(
                 dim, depths[i], num_heads[i], window_size, mlp_ratio, qkv_bias, qk_scale, proj_drop_rate,
                 attn_drop_rate, dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_layer,
-                downsample=i < self.num_layers - 1, shuffle=manip_type == "shuf"))
+                downsample=i < self.num_layers - 1, shuffle=manip_type == "shuf", fused_attn=fused_attn))
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}"))
         self.norm = norm_layer(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)

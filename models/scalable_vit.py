@@ -58,6 +58,14 @@ __all__ = ["ScalableViT", "checkpoint_filter_fn"]
 # modules
 # --------------------------------------------------------------------------------------------------
 
+
+def _attend(q, k, v, scale: float, attn_drop: nn.Dropout, fused: bool, training: bool) -> torch.Tensor:
+    """softmax(q k^T * scale) v for IWSA and SSA: PyTorch's fused kernel, or the release's explicit form."""
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=attn_drop.p if training else 0.)
+    return attn_drop(((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)) @ v
+
+
 class IWSA(nn.Module):
     """Interactive window self-attention: window MSA + local interactive module (DWConv3x3 on V)."""
 
@@ -93,12 +101,7 @@ class IWSA(nn.Module):
         gh, gw = hp // ws, wp // ws
         qkv = qkv.view(b, gh, ws, gw, ws, 3, nh, c // nh).permute(5, 0, 1, 3, 6, 2, 4, 7)
         q, k, v = qkv.reshape(3, b * gh * gw, nh, ws * ws, c // nh).unbind(0)
-        if self.fused_attn:
-            o = F.scaled_dot_product_attention(q, k, v, scale=self.scale,
-                                               dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
-            attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
-            o = attn @ v
+        o = _attend(q, k, v, self.scale, self.attn_drop, self.fused_attn, self.training)
         o = o.view(b, gh, gw, nh, ws, ws, c // nh).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, c)
         if pad_h or pad_w:
             o = o[:, :h, :w]
@@ -147,12 +150,7 @@ class SSA(nn.Module):
         else:
             q = self.q(x).reshape(b, h * w, nh, c // nh).transpose(1, 2)
             k, v = self.kv(x).reshape(b, h * w, 2, nh, c // nh).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused_attn:
-            o = F.scaled_dot_product_attention(q, k, v, scale=self.scale,
-                                               dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
-            attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
-            o = attn @ v
+        o = _attend(q, k, v, self.scale, self.attn_drop, self.fused_attn, self.training)
         o = o.transpose(1, 2).reshape(b, h, w, c)
         return self.proj_drop(self.proj(o))
 
@@ -162,13 +160,15 @@ class ScalableViTBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., qkv_bias: bool = False,
                  drop: float = 0., attn_drop: float = 0., drop_path: float = 0., act_layer=nn.GELU,
-                 norm_layer=nn.LayerNorm, c_ratio: float = 1.25, sr_ratio: int = 1, ws: int = 1):
+                 norm_layer=nn.LayerNorm, c_ratio: float = 1.25, sr_ratio: int = 1, ws: int = 1,
+                 fused_attn: bool = True):
         super().__init__()
         self.norm1 = norm_layer(dim)
         if ws == 1:
-            self.attn = SSA(dim, num_heads, qkv_bias, None, attn_drop, drop, sr_ratio, c_ratio)
+            self.attn = SSA(dim, num_heads, qkv_bias, None, attn_drop, drop, sr_ratio, c_ratio,
+                            fused_attn=fused_attn)
         else:
-            self.attn = IWSA(dim, num_heads, qkv_bias, None, attn_drop, drop, ws)
+            self.attn = IWSA(dim, num_heads, qkv_bias, None, attn_drop, drop, ws, fused_attn=fused_attn)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
@@ -205,7 +205,7 @@ class ScalableViT(nn.Module):
                  attn_drop_rate: float = 0., drop_path_rate: float = 0.,
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), depths=(2, 2, 20, 2), sr_ratios=(8, 4, 2, 1),
                  wss=(7, 7, 7, 7), c_ratios=(1.25, 1.25, 1.25, 1), plain_head: bool = False,
-                 head_hidden_size: int = 4096, **kwargs):
+                 head_hidden_size: int = 4096, fused_attn: bool = True):
         super().__init__()
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
@@ -237,7 +237,7 @@ class ScalableViT(nn.Module):
             self.stages.append(nn.ModuleList([
                 ScalableViTBlock(embed_dims[k], num_heads[k], mlp_ratios[k], qkv_bias, proj_drop_rate,
                                  attn_drop_rate, dpr[cur + i], norm_layer=norm_layer, sr_ratio=sr_ratios[k],
-                                 ws=1 if i % 2 == 1 else wss[k], c_ratio=c_ratios[k])
+                                 ws=1 if i % 2 == 1 else wss[k], c_ratio=c_ratios[k], fused_attn=fused_attn)
                 for i in range(depths[k])]))
             cur += depths[k]
             self.feature_info.append(dict(num_chs=embed_dims[k], reduction=patch_size * 2 ** k,

@@ -221,3 +221,18 @@ def test_classifier_api_and_layer_decay_groups():
     assert len({g["lr_scale"] for g in groups}) > 10      # per-block layer ids
     matcher = model.group_matcher()
     assert "stem" in matcher and "blocks" in matcher
+
+
+def test_fused_attn_switch_reaches_every_attention_and_agrees():
+    """`fused_attn=False` (the release's explicit softmax) is threaded to every attention module and computes
+    the same function as PyTorch's fused kernel; unknown constructor arguments are refused, not swallowed."""
+    fused = timm.create_model("msg_transformer_tiny_224", num_classes=10).double().eval()
+    explicit = timm.create_model("msg_transformer_tiny_224", num_classes=10, fused_attn=False).double().eval()
+    explicit.load_state_dict(fused.state_dict())
+    flags = {m.fused_attn for m in explicit.modules() if hasattr(m, "fused_attn")}
+    assert flags == {False}
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(explicit(x), fused(x), atol=1e-10, rtol=1e-10)
+    with pytest.raises(TypeError, match="fused_atn"):
+        timm.create_model("msg_transformer_tiny_224", fused_atn=False)

@@ -189,3 +189,18 @@ def test_classifier_api_and_layer_decay_groups():
     groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.9)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert len({g["lr_scale"] for g in groups}) > 10
+
+
+def test_fused_attn_switch_reaches_every_attention_and_agrees():
+    """`fused_attn=False` (the release's explicit softmax) is threaded to every attention module and computes
+    the same function as PyTorch's fused kernel; unknown constructor arguments are refused, not swallowed."""
+    fused = timm.create_model("scalable_vit_small_224", num_classes=10).double().eval()
+    explicit = timm.create_model("scalable_vit_small_224", num_classes=10, fused_attn=False).double().eval()
+    explicit.load_state_dict(fused.state_dict())
+    flags = {m.fused_attn for m in explicit.modules() if hasattr(m, "fused_attn")}
+    assert flags == {False}
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(explicit(x), fused(x), atol=1e-10, rtol=1e-10)
+    with pytest.raises(TypeError, match="fused_atn"):
+        timm.create_model("scalable_vit_small_224", fused_atn=False)
