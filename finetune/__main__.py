@@ -8,8 +8,6 @@ builds the model for the recipe, calls :func:`finetune.surgery.load_init_weights
 """
 from __future__ import annotations
 
-import sys
-
 from pretrain.config import ConfigError, load_config
 
 ALIASES = {"init": "finetune.init"}
@@ -36,4 +34,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch.distributed import exit_process
+
+    exit_process(main())

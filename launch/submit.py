@@ -23,6 +23,7 @@ they apply here too; ``--partition``/``--account`` win.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib
 import io
@@ -56,6 +57,22 @@ def resolve_config(entry: str, config: str, overrides: list[str]) -> dict:
     if rc != 0:
         raise ValueError((err.getvalue() or out.getvalue()).strip() or f"{entry}: config rejected ({rc})")
     return yaml.safe_load(out.getvalue()) or {}
+
+
+def _exit_once_success_is_recorded(result_pickle: Path) -> None:
+    """At interpreter exit of a task whose training succeeded: once submitit has written this task's
+    success result, end with 0 without interpreter teardown (why: :func:`launch.distributed.exit_process`).
+    Any other outcome (the result could not be pickled, ...) exits the normal way."""
+    from submitit.core.utils import pickle_load
+
+    try:
+        outcome = pickle_load(result_pickle)[0]
+    except Exception:  # noqa: BLE001  (no readable result: let submitit's own exit status stand)
+        return
+    if outcome == "success":
+        from launch.distributed import exit_process
+
+        exit_process(0)
 
 
 class TrainJob:
@@ -110,6 +127,7 @@ class TrainJob:
             release(self.run_dir, os.environ["SLURM_JOB_ID"])
         if rc != 0:
             raise RuntimeError(f"python -m {self.entry} {' '.join(self.argv)} exited with {rc} (see the log above)")
+        atexit.register(_exit_once_success_is_recorded, env.paths.result_pickle)
         return {"rank": rank, "exit_code": rc, "run_dir": self.run_dir}
 
     def checkpoint(self, *args, **kwargs):

@@ -39,4 +39,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch.distributed import exit_process
+
+    exit_process(main())

@@ -406,11 +406,12 @@ def _train(cfg: Config, rank: int, world: int) -> int:
                  cfg.precision, world)
 
         state = _LoopState(step=step, epoch=epoch)
-        code = _loop(cfg, engine, scheduler, train_loader, eval_loader, mixup, criterion, ema, class_index,
-                     logger, state, total_steps, steps_per_epoch, ckpt_dir, device, dtype, mean, std,
-                     macs, peak, world)
-        logger.close()
-        return code
+        try:
+            return _loop(cfg, engine, scheduler, train_loader, eval_loader, mixup, criterion, ema, class_index,
+                         logger, state, total_steps, steps_per_epoch, ckpt_dir, device, dtype, mean, std,
+                         macs, peak, world)
+        finally:
+            logger.close()  # on every path: the process may end without interpreter teardown
 
 
 class _LoopState:

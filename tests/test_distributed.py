@@ -58,9 +58,14 @@ def test_bad_environments(environ, msg):
         detect_env(environ)
 
 
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SUBMITIT"))}
+    return {**env, **extra}
+
+
 def _launch_two(env_for_rank, timeout=120):
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SUBMITIT"))}
+    base = _clean_env()
     procs = [subprocess.Popen([sys.executable, "-m", "launch.distributed"], cwd=ROOT,
                               env={**base, **env_for_rank(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for r in range(2)]
@@ -94,3 +99,59 @@ def test_two_real_processes_slurm_style():
     assert [r["source"] for r in res] == ["slurm", "slurm"]
     assert [r["rank"] for r in res] == [0, 1] and all(r["ok"] for r in res)
     assert res[0]["master_port"] == port_from_job_id(job)
+
+
+GLOO_THREADS = """
+def gloo_threads():
+    return sum("gloo" in open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task"))
+"""
+
+
+def test_group_is_freed_although_timm_and_deepspeed_are_imported_after_init():
+    # Both bind group.WORLD as a default argument at import; imported after init_process_group that kept
+    # the group (and its gloo threads) alive into interpreter shutdown. init_distributed imports them first.
+    code = "import os\n" + GLOO_THREADS + """
+import gc, torch.distributed as dist
+from launch.distributed import init_distributed
+init_distributed("gloo")
+import timm, deepspeed, models
+assert gloo_threads() > 0
+dist.destroy_process_group(); gc.collect()
+print("threads after destroy", gloo_threads())
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "threads after destroy 0" in r.stdout, r.stdout
+
+
+def test_exit_process_keeps_the_code_flushes_and_skips_teardown(tmp_path):
+    # Two ranks whose default group stays referenced (as DeepSpeed's engine does after training): gloo
+    # threads live at exit. exit_process must give the exact code every time (interpreter teardown with
+    # live gloo threads aborted about one 2-rank exit in six), flush the log, and skip atexit teardown.
+    code = """
+import atexit, logging, os, sys
+import torch, torch.distributed as dist
+from launch.distributed import exit_process, init_distributed
+init_distributed("gloo")
+KEEP = dist.group.WORLD
+t = torch.ones(1); dist.all_reduce(t)
+dist.destroy_process_group()
+atexit.register(lambda: open(os.environ["MARK"], "w").write("teardown ran"))
+logging.basicConfig(level=logging.INFO)
+logging.getLogger("t").info("rank %s done sum=%s", os.environ["RANK"], t.item())
+print("stdout buffered", end="")
+exit_process(3)
+"""
+    for attempt in range(6):
+        port = str(_free_port())
+        procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE,
+                                  env=_clean_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                                 MASTER_PORT=port, MARK=str(tmp_path / f"mark{attempt}{r}")))
+                 for r in range(2)]
+        for r, p in enumerate(procs):
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 3, (attempt, r, p.returncode, err[-2000:])
+            assert out == "stdout buffered" and f"rank {r} done sum=2.0" in err, (out, err[-2000:])
+            assert not (tmp_path / f"mark{attempt}{r}").exists()
