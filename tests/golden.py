@@ -1,9 +1,11 @@
 """The golden-v1 procedure of shared/golden/README.md: rebuild a released-format state dict and input.
 
 Copied here (with the listings, meta.json and logits.pt in tests/fixtures/) so the tests stand alone.
+Also the released-checkpoint checks every family's tests share (meta-device models, strict loading).
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -54,6 +56,35 @@ def make_input(seed=0, batch=2, size=224):
 def listing_state_dict(name: str, seed: int = 0) -> dict:
     """Released-format state dict synthesised from ``fixtures/official_state_dicts/<name>.tsv``."""
     return make_state_dict(read_listing(LISTINGS / f"{name}.tsv"), seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_listing(name: str) -> tuple:
+    return tuple(listing_state_dict(name).items())
+
+
+def cached_listing_state_dict(name: str) -> dict:
+    """:func:`listing_state_dict` generated once per listing (the tensors are shared), a fresh dict each call."""
+    return dict(_cached_listing(name))
+
+
+def meta_model(name: str, **kwargs):
+    """A registered model built on the meta device: shapes and counts without allocating weights."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(name, **kwargs)
+
+
+def assert_loads_strictly(filter_fn, state_dict: dict, model) -> dict:
+    """``filter_fn(state_dict, model)`` gives exactly the model's keys with its shapes and loads strictly."""
+    out = filter_fn(state_dict, model)
+    target = model.state_dict()
+    assert set(out) == set(target)
+    for k, v in out.items():
+        assert tuple(v.shape) == tuple(target[k].shape), k
+    model.load_state_dict(out, strict=True, assign=True)
+    return out
 
 
 def golden_fixtures(prefix: str = "") -> list[Path]:

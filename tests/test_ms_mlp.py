@@ -1,15 +1,14 @@
 """MS-MLP: golden equivalence with the released code, released checkpoint format, counts, timm API."""
 from __future__ import annotations
 
-import functools
-
 import pytest
 import timm
 import torch
 
 import models.ms_mlp as ms_mlp
-from golden import assert_reproduces_release, golden_fixtures, load_meta, make_input
-from golden import listing_state_dict as _listing_state_dict
+from golden import (assert_loads_strictly, assert_reproduces_release, golden_fixtures, load_meta, make_input,
+                    meta_model)
+from golden import cached_listing_state_dict as listing_state_dict
 from models.measure import count_macs, count_params
 from timm.optim import param_groups_layer_decay
 
@@ -19,19 +18,6 @@ MACS_224 = {"tiny": 4.44e9, "small": 8.67e9, "base": 15.33e9}
 NAMES = [f"ms_mlp_{v}_{s}" for v in VARIANTS for s in (224, 384)]
 FIXTURES = golden_fixtures("msmlp_")
 
-
-@functools.lru_cache(maxsize=None)
-def _cached_listing(name: str) -> tuple:
-    return tuple(_listing_state_dict(name).items())
-
-
-def listing_state_dict(name: str) -> dict:
-    return dict(_cached_listing(name))
-
-
-def _meta_model(name: str, **kwargs):
-    with torch.device("meta"):
-        return timm.create_model(name, **kwargs)
 
 
 def test_registered():
@@ -58,19 +44,17 @@ def test_golden(fixture):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_listing_loads_strictly(variant):
     sd = listing_state_dict(f"msmlp_{variant}")
-    model = _meta_model(f"ms_mlp_{variant}_224")
-    out = ms_mlp.checkpoint_filter_fn(sd, model)
+    model = meta_model(f"ms_mlp_{variant}_224")
+    out = assert_loads_strictly(ms_mlp.checkpoint_filter_fn, sd, model)
+    assert len(out) == len(sd)
     target = model.state_dict()
-    assert set(out) == set(target) and len(out) == len(sd)
-    assert all(tuple(out[k].shape) == tuple(target[k].shape) for k in out)
-    model.load_state_dict(out, strict=True, assign=True)
     for wrapper in ("model", "module", "state_dict", "model_ema"):
         wrapped = {wrapper: {"module." + k: v for k, v in sd.items()}}
         assert set(ms_mlp.checkpoint_filter_fn(wrapped, model)) == set(target)
 
 
 def test_filter_rejects_unknown_and_misshaped():
-    model = _meta_model("ms_mlp_tiny_224")
+    model = meta_model("ms_mlp_tiny_224")
     sd = listing_state_dict("msmlp_tiny")
     with pytest.raises(KeyError, match="unexpected key"):
         ms_mlp.checkpoint_filter_fn({**sd, "layers.0.blocks.0.bogus": torch.zeros(1)}, model)
@@ -82,8 +66,8 @@ def test_filter_rejects_unknown_and_misshaped():
 
 def test_224_to_384_is_identity():
     sd = listing_state_dict("msmlp_tiny")
-    out = ms_mlp.checkpoint_filter_fn(sd, _meta_model("ms_mlp_tiny_384"))
-    ref = ms_mlp.checkpoint_filter_fn(sd, _meta_model("ms_mlp_tiny_224"))
+    out = ms_mlp.checkpoint_filter_fn(sd, meta_model("ms_mlp_tiny_384"))
+    ref = ms_mlp.checkpoint_filter_fn(sd, meta_model("ms_mlp_tiny_224"))
     assert set(out) == set(ref) and len(out) == len(sd)
     ids = {id(v) for v in sd.values()}
     for k in out:
@@ -92,8 +76,8 @@ def test_224_to_384_is_identity():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_counts(variant):
-    model = _meta_model(f"ms_mlp_{variant}_224")
-    assert count_params(model) == PARAMS[variant] == count_params(_meta_model(f"ms_mlp_{variant}_384"))
+    model = meta_model(f"ms_mlp_{variant}_224")
+    assert count_params(model) == PARAMS[variant] == count_params(meta_model(f"ms_mlp_{variant}_384"))
     assert count_macs(model, 224) == pytest.approx(MACS_224[variant], rel=0.01)
 
 

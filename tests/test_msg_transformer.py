@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import models.msg_transformer as msg
-from golden import assert_reproduces_release, golden_fixtures, listing_state_dict, load_meta
+from golden import (assert_loads_strictly, assert_reproduces_release, golden_fixtures, listing_state_dict,
+                    load_meta, meta_model)
 from models.layers.rel_pos import relative_position_index, resize_rel_pos_table_2d
 from models.measure import count_macs, count_params
 
@@ -16,10 +17,6 @@ NAMES = [f"msg_transformer_{v}_{s}" for v in VARIANTS for s in (224, 384)]
 PARAMS = {"tiny": 25_086_116, "small": 55_968_514, "base": 84_392_770}
 MACS = {"tiny": 3.82e9, "small": 8.46e9, "base": 14.24e9}
 
-
-def _meta_model(name, **kw):
-    with torch.device("meta"):
-        return timm.create_model(name, **kw)
 
 
 # ---- numerical equivalence with the release ---------------------------------------------------------
@@ -35,13 +32,7 @@ def test_golden_logits(fixture):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_listing_loads_strictly(variant):
     sd = listing_state_dict(f"msg_{variant}")
-    model = _meta_model(f"msg_transformer_{variant}_224")
-    filtered = msg.checkpoint_filter_fn(sd, model)
-    target = model.state_dict()
-    assert set(filtered) == set(target)
-    for k, v in filtered.items():
-        assert tuple(v.shape) == tuple(target[k].shape), k
-    model.load_state_dict(filtered, strict=True, assign=True)
+    assert_loads_strictly(msg.checkpoint_filter_fn, sd, meta_model(f"msg_transformer_{variant}_224"))
 
 
 def _with_index_buffers(sd):
@@ -61,7 +52,7 @@ def test_wrapped_checkpoints(wrap):
         ckpt = {"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}
     else:
         ckpt = {wrap: sd, "optimizer": {}}
-    model = _meta_model("msg_transformer_tiny_224")
+    model = meta_model("msg_transformer_tiny_224")
     model.load_state_dict(msg.checkpoint_filter_fn(ckpt, model), strict=True, assign=True)
 
 
@@ -95,7 +86,7 @@ def test_224_checkpoint_into_384_model():
 
 def test_resize_to_same_size_is_identity():
     sd = listing_state_dict("msg_tiny")
-    model = _meta_model("msg_transformer_tiny_224")
+    model = meta_model("msg_transformer_tiny_224")
     filtered = msg.checkpoint_filter_fn(sd, model)
     for k, v in sd.items():
         assert filtered[k] is v
@@ -107,12 +98,12 @@ def test_resize_to_same_size_is_identity():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_params_and_macs(variant):
-    model = _meta_model(f"msg_transformer_{variant}_224")
+    model = meta_model(f"msg_transformer_{variant}_224")
     assert count_params(model) == PARAMS[variant]
     macs = count_macs(model, 224)
     assert abs(macs / MACS[variant] - 1) < 0.01, macs
     # the 384 model differs only by the 23x23 (instead of 13x13) relative-position tables
-    model384 = _meta_model(f"msg_transformer_{variant}_384")
+    model384 = meta_model(f"msg_transformer_{variant}_384")
     tables = sum(m.relative_position_bias_table.shape[1] for m in model.modules()
                  if isinstance(m, msg.MSGWindowAttention))
     assert count_params(model384) == PARAMS[variant] + tables * (23 * 23 - 13 * 13)
@@ -209,7 +200,7 @@ def test_grad_checkpointing_matches():
 
 
 def test_classifier_api_and_layer_decay_groups():
-    model = _meta_model("msg_transformer_tiny_224")
+    model = meta_model("msg_transformer_tiny_224")
     assert "msg_tokens" in model.no_weight_decay()
     model.reset_classifier(10)
     assert model.get_classifier().out_features == 10

@@ -1,15 +1,14 @@
 """ResTv2: golden equivalence with the released code, released checkpoint formats, counts, timm API."""
 from __future__ import annotations
 
-import functools
-
 import pytest
 import timm
 import torch
 
 import models.restv2 as restv2
-from golden import assert_reproduces_release, golden_fixtures, load_meta, make_input
-from golden import listing_state_dict as _listing_state_dict
+from golden import (assert_loads_strictly, assert_reproduces_release, golden_fixtures, load_meta, make_input,
+                    meta_model)
+from golden import cached_listing_state_dict as listing_state_dict
 from models.measure import count_macs, count_params
 from timm.optim import param_groups_layer_decay
 
@@ -19,23 +18,9 @@ MACS_224 = {"tiny": 4.08e9, "small": 5.95e9, "base": 7.86e9, "large": 13.80e9}
 MACS_384 = {"tiny": 12.63e9, "small": 18.38e9, "base": 24.25e9, "large": 42.29e9}
 
 
-@functools.lru_cache(maxsize=None)
-def _cached_listing(name: str) -> tuple:
-    return tuple(_listing_state_dict(name).items())
-
-
-def listing_state_dict(name: str) -> dict:
-    """Synthesised released-format dict (generated once per listing, a fresh dict each call)."""
-    return dict(_cached_listing(name))
-
-
 NAMES = [f"restv2_{v}_{s}" for v in VARIANTS for s in (224, 384)]
 FIXTURES = golden_fixtures("restv2_")
 
-
-def _meta_model(name: str, **kwargs):
-    with torch.device("meta"):
-        return timm.create_model(name, **kwargs)
 
 
 def test_registered():
@@ -64,12 +49,9 @@ def test_golden(fixture):
 def test_listing_loads_strictly(variant):
     """Every released key is consumed, with its shape, and nothing of the model is left out."""
     sd = listing_state_dict(f"restv2_{variant}")
-    model = _meta_model(f"restv2_{variant}_224")
-    out = restv2.checkpoint_filter_fn(sd, model)
+    model = meta_model(f"restv2_{variant}_224")
+    assert_loads_strictly(restv2.checkpoint_filter_fn, sd, model)
     target = model.state_dict()
-    assert set(out) == set(target)
-    assert all(tuple(out[k].shape) == tuple(target[k].shape) for k in out)
-    model.load_state_dict(out, strict=True, assign=True)
     # wrapper keys and the DDP prefix
     for wrapper in ("model", "module", "state_dict", "model_ema"):
         wrapped = {wrapper: {"module." + k: v for k, v in sd.items()}}
@@ -77,7 +59,7 @@ def test_listing_loads_strictly(variant):
 
 
 def test_filter_rejects_unknown_and_misshaped():
-    model = _meta_model("restv2_tiny_224")
+    model = meta_model("restv2_tiny_224")
     sd = listing_state_dict("restv2_tiny")
     with pytest.raises(KeyError, match="unexpected key"):
         restv2.checkpoint_filter_fn({**sd, "stage1.0.attn.bogus": torch.zeros(1)}, model)
@@ -89,8 +71,8 @@ def test_filter_rejects_unknown_and_misshaped():
 
 def test_224_to_384_is_identity():
     sd = listing_state_dict("restv2_tiny")
-    out = restv2.checkpoint_filter_fn(sd, _meta_model("restv2_tiny_384"))
-    ref = restv2.checkpoint_filter_fn(sd, _meta_model("restv2_tiny_224"))
+    out = restv2.checkpoint_filter_fn(sd, meta_model("restv2_tiny_384"))
+    ref = restv2.checkpoint_filter_fn(sd, meta_model("restv2_tiny_224"))
     assert set(out) == set(ref)
     # every released tensor arrives unchanged (the very same tensor), exactly as for the 224 model
     ids = {id(v) for v in sd.values()}
@@ -104,8 +86,8 @@ def test_224_to_384_is_identity():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_counts(variant):
-    model = _meta_model(f"restv2_{variant}_224")
-    assert count_params(model) == PARAMS[variant] == count_params(_meta_model(f"restv2_{variant}_384"))
+    model = meta_model(f"restv2_{variant}_224")
+    assert count_params(model) == PARAMS[variant] == count_params(meta_model(f"restv2_{variant}_384"))
     assert count_macs(model, 224) == pytest.approx(MACS_224[variant], rel=0.01)
     assert count_macs(model, 384) == pytest.approx(MACS_384[variant], rel=0.002)
 
@@ -113,7 +95,7 @@ def test_counts(variant):
 def test_macs_cpu_equals_meta():
     """The CPU fused attention kernel is counted (models/measure.py)."""
     cpu = timm.create_model("restv2_tiny_224")
-    assert count_macs(cpu, 224) == count_macs(_meta_model("restv2_tiny_224"), 224)
+    assert count_macs(cpu, 224) == count_macs(meta_model("restv2_tiny_224"), 224)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -147,7 +129,7 @@ def test_features_only():
     # detection output norms exist only here, the classification norm/head are gone
     n_out_norms = 2 * (96 + 192 + 384 + 768)
     assert count_params(model) == PARAMS["tiny"] - (768 * 1000 + 1000) - 2 * 768 + n_out_norms
-    cls = _meta_model("restv2_tiny_224")
+    cls = meta_model("restv2_tiny_224")
     assert not any(k.startswith("out_norms") for k in cls.state_dict())
 
 

@@ -6,7 +6,8 @@ import timm
 import torch
 
 import models.scalable_vit as svit
-from golden import assert_reproduces_release, golden_fixtures, listing_state_dict, load_meta
+from golden import (assert_loads_strictly, assert_reproduces_release, golden_fixtures, listing_state_dict,
+                    load_meta, meta_model)
 from models.measure import count_macs, count_params
 
 VARIANTS = ("small", "base", "large")
@@ -14,10 +15,6 @@ NAMES = [f"scalable_vit_{v}_{s}" for v in VARIANTS for s in (224, 384)]
 PARAMS = {"small": 32_000_472, "base": 81_881_624, "large": 109_288_840}
 MACS = {"small": 4.27e9, "base": 8.80e9, "large": 14.99e9}
 
-
-def _meta_model(name, **kw):
-    with torch.device("meta"):
-        return timm.create_model(name, **kw)
 
 
 # ---- numerical equivalence with the release ---------------------------------------------------------
@@ -34,13 +31,7 @@ def test_golden_logits(fixture):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_listing_loads_strictly(variant, size):
     sd = listing_state_dict(f"scalablevit_{variant}")
-    model = _meta_model(f"scalable_vit_{variant}_{size}")
-    filtered = svit.checkpoint_filter_fn(sd, model)
-    target = model.state_dict()
-    assert set(filtered) == set(target)
-    for k, v in filtered.items():
-        assert tuple(v.shape) == tuple(target[k].shape), k
-    model.load_state_dict(filtered, strict=True, assign=True)
+    assert_loads_strictly(svit.checkpoint_filter_fn, sd, meta_model(f"scalable_vit_{variant}_{size}"))
 
 
 @pytest.mark.parametrize("wrap", ["model", "module", "state_dict", "model_ema", "prefix", "nested"])
@@ -52,7 +43,7 @@ def test_wrapped_checkpoints(wrap):
         ckpt = {"model": {"module." + k: v for k, v in sd.items()}, "epoch": 3}
     else:
         ckpt = {wrap: sd, "optimizer": {}}
-    model = _meta_model("scalable_vit_small_224")
+    model = meta_model("scalable_vit_small_224")
     model.load_state_dict(svit.checkpoint_filter_fn(ckpt, model), strict=True, assign=True)
 
 
@@ -83,15 +74,15 @@ def test_224_checkpoint_into_384_model_is_unchanged():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_params_and_macs(variant):
-    model = _meta_model(f"scalable_vit_{variant}_224")
+    model = meta_model(f"scalable_vit_{variant}_224")
     assert count_params(model) == PARAMS[variant]
-    assert count_params(_meta_model(f"scalable_vit_{variant}_384")) == PARAMS[variant]
+    assert count_params(meta_model(f"scalable_vit_{variant}_384")) == PARAMS[variant]
     macs = count_macs(model, 224)
     assert abs(macs / MACS[variant] - 1) < 0.01, macs
 
 
 def test_plain_head_option():
-    model = _meta_model("scalable_vit_small_224", plain_head=True)
+    model = meta_model("scalable_vit_small_224", plain_head=True)
     assert isinstance(model.head, torch.nn.Linear)
     assert count_params(model) == PARAMS["small"] - (512 * 4096 + 4096 + 2 * 4096 + 4096 * 1000 + 1000) + 512 * 1000 + 1000
 
@@ -178,7 +169,7 @@ def test_grad_checkpointing_matches():
 
 
 def test_classifier_api_and_layer_decay_groups():
-    model = _meta_model("scalable_vit_small_224")
+    model = meta_model("scalable_vit_small_224")
     assert model.no_weight_decay() == {f"pos_block.{i}.proj.0.{p}" for i in range(4) for p in ("weight", "bias")}
     assert model.pretrained_cfg["classifier"] == "head.3"
     model.reset_classifier(10)

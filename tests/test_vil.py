@@ -6,7 +6,7 @@ import timm
 import torch
 
 import models.vil as vil
-from golden import (GOLDEN, LISTINGS, golden_fixtures, load_logits, load_meta, make_input, make_state_dict,
+from golden import (GOLDEN, LISTINGS, golden_fixtures, load_logits, load_meta, make_input, make_state_dict, meta_model,
                     read_listing)
 from models.measure import count_macs, count_params
 
@@ -94,8 +94,7 @@ def test_release_listing_loads_strictly(listing):
     rows = read_listing(LISTINGS / f"{listing}.tsv")
     sd = {k: torch.zeros(s) for k, s, dt, alias in rows if dt.startswith("float")}   # aliases included
     num_classes = sd["head.weight"].shape[0]
-    with torch.device("meta"):                               # no init cost; shapes are still checked
-        model = timm.create_model(LISTING_MODELS[listing], num_classes=num_classes)
+    model = meta_model(LISTING_MODELS[listing], num_classes=num_classes)  # no init cost; shapes still checked
     out = vil.checkpoint_filter_fn(sd, model)
     res = model.load_state_dict(out, strict=True, assign=True)
     assert not res.missing_keys and not res.unexpected_keys
