@@ -191,7 +191,6 @@ def _corrupt_copy(src_dir, dst_dir):
     man = json.load(open(os.path.join(dst_dir, "manifest.json")))
     shards = man["splits"]["train"]["shards"]
     assert len(shards) >= 4
-    lost = 0
     # 1) bad JPEG bytes in shard 0 (SOI marker destroyed), 2) bytes inside a JPEG of shard 0 replaced by
     # garbage but markers kept, 3) truncated tar shard 1, 4) missing shard file 2
     p0 = os.path.join(dst_dir, shards[0]["file"])

@@ -4,7 +4,6 @@ TensorBoard events."""
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 

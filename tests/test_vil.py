@@ -1,6 +1,4 @@
 """ViL model: golden equivalence with the release, checkpoint loading/surgery, timm API, counts."""
-import re
-
 import pytest
 import timm
 import torch
