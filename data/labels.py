@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 LABEL_SPACE_DIR = Path(__file__).resolve().parent / "label_spaces"
 BUILTIN = ("in1k", "in21k-fall11", "in22k-ms", "in21k-winter21")
@@ -129,3 +129,17 @@ def map_21k_to_1k(space_21k: LabelSpace | str, space_1k: LabelSpace | str = "in1
         raise UnknownSynsetError(
             f"{len(missing)} synset(s) of {space_1k.name!r} missing from {space_21k.name!r}: {', '.join(missing)}")
     return [space_21k.index(s) for s in space_1k.synsets]
+
+
+def as_label_space(space) -> Optional[LabelSpace]:
+    """A LabelSpace from a LabelSpace, a builtin name or synset file, a list of synsets, or a manifest's
+    ``label_space`` record (``{name, synsets}``); None stays None. The one conversion every caller uses."""
+    if space is None or isinstance(space, LabelSpace):
+        return space
+    if isinstance(space, str):
+        return load_label_space(space)
+    if isinstance(space, dict):
+        return LabelSpace.from_manifest({"name": "custom", **space})
+    if isinstance(space, (list, tuple)) and all(isinstance(s, str) for s in space):
+        return LabelSpace("custom", list(space))
+    raise TypeError(f"cannot interpret {type(space).__name__} as a label space")

@@ -1,8 +1,8 @@
 """``python -m finetune --config finetune/configs/X.yaml init=<checkpoint> [section.key=value ...] [--print-config]``
 
 ``init=`` is short for ``finetune.init=``: a run directory, a DeepSpeed checkpoint or tag folder, an fp32 /
-safetensors file or a released checkpoint (see :mod:`finetune.sources`). The engine (``pretrain.engine.train``)
-builds the model for the recipe, calls :func:`finetune.surgery.load_init_weights` when the run starts fresh
+safetensors file or a released checkpoint (see :mod:`pretrain.weights`). The trainer (``pretrain.trainer.train``)
+builds the model for the recipe, calls :func:`pretrain.surgery.load_init_weights` when the run starts fresh
 (never when it resumes its own checkpoints) and trains. Under several processes start it like pretraining:
 ``torchrun --standalone --nproc_per_node=N -m finetune ...`` (or the Slurm / submitit launchers).
 """
@@ -19,7 +19,7 @@ def build_config(recipe, overrides):
     if not cfg.finetune.init:
         raise ConfigError("finetune needs a checkpoint: add init=<run dir | checkpoint dir | weights file> "
                           "(or finetune.init=...)")
-    from finetune.sources import SourceError, resolve_source
+    from pretrain.weights import SourceError, resolve_source
     try:
         resolve_source(cfg.finetune.init)
     except SourceError as e:

@@ -4,7 +4,7 @@
         --tasks-per-node 8 [--partition P] [--account A] [--time MIN] [--local] [section.key=value ...]
 
 The job runs the same training function as ``python -m pretrain`` (``<entry>.__main__.main(argv)``, i.e.
-``pretrain.engine.train(cfg)``) in each of the ``nodes x tasks-per-node`` tasks; ``launch.distributed``
+``pretrain.trainer.train(cfg)``) in each of the ``nodes x tasks-per-node`` tasks; ``launch.distributed``
 reads ranks and the master address from submitit's ``JobEnvironment``. Logs go to ``RUN/submitit/``
 (``%j_<task>_log.out/err``); the submitit folder lives inside the run directory so a run is one folder.
 Prints the job id, the log path and the run directory (``--wait``: also waits and prints the results).
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-EXIT_REQUEUE = 85  # pretrain.engine.EXIT_REQUEUE (not imported here: the client must not import torch)
+EXIT_REQUEUE = 85  # launch.signals.EXIT_REQUEUE (not imported here: the client must not import torch)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -95,7 +95,7 @@ class TrainJob:
             (acquire if rank == 0 else check)(self.run_dir, os.environ["SLURM_JOB_ID"])
         usr = env._usr_sig()
         submitit_handler = signal.getsignal(usr)
-        from pretrain.signals import request_stop
+        from launch.signals import request_stop
 
         # The engine replaces SIGUSR1/SIGTERM handlers itself (and chains them after its checkpoint);
         # submitit's USR signal would requeue mid-step, so it only asks for a stop at the next step here.

@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_
+from .family import register_family
 from .layers.checkpoint import unwrap_state_dict
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -395,6 +396,9 @@ def checkpoint_filter_fn(state_dict: dict, model: MSMLP) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ builders
+
+register_family("ms_mlp", MSMLP, checkpoint_filter_fn)
+
 
 def _create_ms_mlp(variant: str, pretrained: bool = False, **kwargs) -> MSMLP:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))

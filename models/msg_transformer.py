@@ -55,6 +55,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
+from .family import register_family
 from .layers.checkpoint import unwrap_state_dict
 from .layers.rel_pos import relative_position_index, resize_rel_pos_table_2d
 
@@ -467,6 +468,10 @@ def checkpoint_filter_fn(state_dict: dict, model: MSGTransformer, interpolation:
             v = resize_rel_pos_table_2d(v, (new_side, new_side), mode=interpolation)
         out[k] = v
     return out
+
+
+register_family("msg_transformer", MSGTransformer, checkpoint_filter_fn,
+                interp_arg="interpolation", default_interp="bicubic")
 
 
 def _create_msg_transformer(variant: str, pretrained: bool = False, **kwargs) -> MSGTransformer:

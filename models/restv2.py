@@ -44,6 +44,7 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, to_2tuple, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from .family import register_family
 from .layers.checkpoint import unwrap_state_dict
 
 
@@ -404,6 +405,9 @@ def checkpoint_filter_fn(state_dict: dict, model: ResTV2) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ builders
+
+register_family("restv2", ResTV2, checkpoint_filter_fn)
+
 
 def _create_restv2(variant: str, pretrained: bool = False, **kwargs) -> ResTV2:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))

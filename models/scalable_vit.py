@@ -48,6 +48,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
+from .family import register_family
 from .layers.checkpoint import unwrap_state_dict
 from .layers.peg import PosConv
 
@@ -399,6 +400,9 @@ def checkpoint_filter_fn(state_dict: dict, model: ScalableViT) -> dict:
     is needed (a 224 checkpoint loads into a ``*_384`` model unchanged).
     """
     return dict(unwrap_state_dict(state_dict))
+
+
+register_family("scalable_vit", ScalableViT, checkpoint_filter_fn)
 
 
 def _create_scalable_vit(variant: str, pretrained: bool = False, **kwargs) -> ScalableViT:

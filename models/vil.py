@@ -36,6 +36,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
+from .family import register_family
 from .layers.checkpoint import unwrap_state_dict
 from .layers.longformer2d import (
     dense_longformer2d_attention, local_relative_position_index, sliding_chunk_attention,
@@ -563,6 +564,9 @@ def checkpoint_filter_fn(state_dict: dict, model: ViL, interpolation: str = "bil
                                  f"{tuple(t.shape)} for {nk}, and no resize rule applies")
         out[nk] = v
     return out
+
+
+register_family("vil", ViL, checkpoint_filter_fn, interp_arg="interpolation", default_interp="bilinear")
 
 
 def _create_vil(variant: str, pretrained: bool = False, **kwargs) -> ViL:

@@ -17,7 +17,7 @@ def parse_args(argv=None, description=__doc__):
 
 def run_cli(argv=None, build_config=load_config, description=__doc__) -> int:
     """Shared by ``python -m pretrain`` and ``python -m finetune``: config -> (print | train) -> exit code."""
-    from pretrain.signals import STOP
+    from launch.signals import STOP
 
     STOP.install()  # first thing: a Slurm signal during start-up must not kill the job
     args = parse_args(argv, description)
@@ -29,7 +29,7 @@ def run_cli(argv=None, build_config=load_config, description=__doc__) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from pretrain.engine import train
+    from pretrain.trainer import train
 
     return train(cfg)
 

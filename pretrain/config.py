@@ -48,6 +48,7 @@ class DataConfig:
     eval_crop: str = "center"  # center | squash
     train_crop: str = "rrc"  # rrc (random-resized-crop) | resize_crop (finetune: resize, random crop)
     interpolation: str = "bicubic"
+    verify_samples: str = "markers"  # markers (JPEG/PNG markers, once per shard) | decode (full decode) | none
 
 
 @dataclass
@@ -139,7 +140,7 @@ class LaunchConfig:
 @dataclass
 class Config:
     seed: int = 0
-    precision: str = "bf16"  # bf16 | fp32
+    precision: str = "auto"  # auto (bf16 where the hardware has it natively, else fp32) | bf16 | fp32
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -162,11 +163,12 @@ class Config:
 
 
 CHOICES = {
-    "precision": ("bf16", "fp32"),
+    "precision": ("auto", "bf16", "fp32"),
     "data.pipeline": ("dali", "torch"),
     "data.eval_crop": ("center", "squash"),
     "data.train_crop": ("rrc", "resize_crop"),
     "data.interpolation": ("bicubic", "bilinear"),
+    "data.verify_samples": ("markers", "decode", "none"),
     "optim.name": ("adamw", "qhm"),
     "optim.lr_scaling_base": (0, 256, 512),
     "sched.name": ("cosine",),

@@ -4,7 +4,7 @@
     python -m pretrain.evaluate --model vil_small_rpb_224 --weights vil_small.pth --data /shards/in1k_val
 
 Runs single-process or under torchrun/srun (each sample counted once across ranks). ``--ckpt`` takes a
-run directory (model name and input size from its config.yaml) or any checkpoint ``finetune.sources``
+run directory (model name and input size from its config.yaml) or any checkpoint :mod:`pretrain.weights`
 reads; ``--label-map 21k-to-1k`` evaluates a 21K-class model on 1K data through the synset map.
 """
 from __future__ import annotations
@@ -36,10 +36,12 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="extra section.key=value config overrides")
     args = p.parse_args(argv)
 
-    from finetune.sources import load_state_dict
     from launch.distributed import init_distributed
+    from models.family import family_of
     from pretrain.config import ConfigError, load_config
     from pretrain.engine import build_model, config_from_checkpoint, eval_class_index, evaluate, model_data_cfg
+    from pretrain.rundir import RunDir
+    from pretrain.weights import load_state_dict
 
     import dataclasses
 
@@ -48,7 +50,8 @@ def main(argv=None) -> int:
     overrides = [f"data.eval={args.data}", f"data.pipeline={args.pipeline}", f"train.micro_batch={args.batch}",
                  "train.max_steps=1", f"eval.label_map={args.label_map}", *args.overrides]
     try:
-        if args.ckpt and (Path(args.ckpt) / "config.yaml").is_file():
+        run = RunDir(args.ckpt) if args.ckpt else None
+        if run is not None and run.config_file.is_file():
             base = config_from_checkpoint(Path(args.ckpt)).to_dict()
             overrides = [f"model.name={base['model']['name']}", f"model.num_classes={base['model']['num_classes']}"
                          if base["model"]["num_classes"] else "model.num_classes=null",
@@ -76,14 +79,14 @@ def main(argv=None) -> int:
     head = state.get("head.weight", state.get("head.fc.weight"))
     num_classes = cfg.model.num_classes or (head.shape[0] if head is not None else loader.num_classes)
     model = build_model(cfg, num_classes).to(device)
-    mod = sys.modules[type(model).__module__]
-    if hasattr(mod, "checkpoint_filter_fn"):
-        state = mod.checkpoint_filter_fn(state, model)
+    fam = family_of(model)
+    if fam is not None:
+        state = fam.filter_fn(state, model)
     model.load_state_dict(state, strict=True)
     train_space = None
     if args.label_map:
         train_space = args.model_labels
-        if train_space is None and args.ckpt and (Path(args.ckpt) / "config.yaml").is_file():
+        if train_space is None and run is not None and run.config_file.is_file():
             from data.shards import resolve
 
             train_space = resolve(config_from_checkpoint(Path(args.ckpt)).data.train, "train").label_space

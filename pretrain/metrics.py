@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -55,15 +54,16 @@ class StepTimer:
 class RunLogger:
     """Rank-0 sink for scalars (TensorBoard + train_log.jsonl); a no-op on other ranks."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run, enabled: bool):
+        """``run``: the :class:`pretrain.rundir.RunDir` whose ``tb/`` and ``train_log.jsonl`` receive the logs."""
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tb"))
-            self.jsonl = open(run_dir / "train_log.jsonl", "a")
+            self.writer = SummaryWriter(str(run.tb_dir))
+            self.jsonl = open(run.train_log, "a")
 
     def scalars(self, step: int, values: dict, jsonl: bool = False):
         if not self.enabled:

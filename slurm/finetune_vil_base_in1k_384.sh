@@ -1,7 +1,9 @@
 #!/bin/bash
 # Finetune the ImageNet-21K ViL-Base at 384 px on ImageNet-1K:
 # `sbatch slurm/finetune_vil_base_in1k_384.sh [overrides...]` from the repository root.
-# Defaults: 4 nodes x 8 GPUs, 24 h, requeued on the time limit/preemption and resumed from
+# Defaults: 1 node x 8 GPUs x micro-batch 64 = the recipe's global batch 512 (train.global_batch: other
+# layouts derive grad_accum, e.g. --nodes=2 train.micro_batch=32; one that cannot give 512 is refused),
+# 24 h, requeued on the time limit/preemption and resumed from
 # $RUNS_ROOT/$SLURM_JOB_NAME (= runs/vil_base_in1k_384).
 #
 # Site values: export SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_QOS ... before sbatch; paths and the
@@ -10,10 +12,10 @@
 #   IN1K_VAL     [$DATA_ROOT/in1k_val#val]   data.convert --layout imagenet-val --out $DATA_ROOT/in1k_val
 #   PRETRAINED   [$RUNS_ROOT/vil_base_in21k]  finetune.init: the pretraining run dir (its newest checkpoint),
 #                a checkpoint tag directory, or an official release file
-#   FINETUNE_HEAD [map21k]  21K head rows -> the 1K classes; `keep` for a checkpoint that already has 1K classes
+#   FINETUNE_HEAD [map21k, the recipe's]  21K head rows -> the 1K classes; `keep` for a 1K checkpoint
 #
 #SBATCH --job-name=vil_base_in1k_384
-#SBATCH --nodes=4
+#SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=10

@@ -45,14 +45,14 @@ class Ranks:
     """N real processes of ``python -m <module> ...`` wired as a torchrun-style gloo job."""
 
     def __init__(self, args: list[str], nproc: int = 2, module: str = "pretrain", env: dict | None = None,
-                 log_dir: Path | None = None):
+                 log_dir: Path | None = None, rank_env: dict[int, dict] | None = None):
         port = str(free_port())
         self.logs = []
         self.procs = []
         for r in range(nproc):
             e = clean_env(env)
             e.update(RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(nproc),
-                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(rank_env or {}).get(r, {}))
             log = open((log_dir or Path("/tmp")) / f"rank{r}-{port}.log", "w+")
             self.logs.append(log)
             self.procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=e,

@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from engine_utils import TINY, make_demo_shards, run_ranks, step_losses, wait_for_steps, Ranks
-from pretrain.checkpoint import COMPLETE, complete_tags, latest_complete
+from pretrain.rundir import COMPLETE, complete_tags, latest_complete
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def reference(shards, tmp_path_factory):
 
 
 FULL_MATRIX = [(st, pr) for st in (1, 2, 3) for pr in ("bf16", "fp32")]
-CI_MATRIX = [(3, "bf16"), (1, "fp32")]  # INTERFACES: the rest of the matrix runs with -m slow
+CI_MATRIX = [(3, "bf16"), (1, "fp32")]  # the rest of the matrix runs with -m slow
 
 
 @pytest.mark.parametrize("stage, precision", [
@@ -81,7 +81,7 @@ def test_stages_agree(reference):
 
 
 def test_signal_checkpoints_and_exits_for_requeue(shards, reference, tmp_path):
-    from pretrain.signals import EXIT_REQUEUE
+    from launch.signals import EXIT_REQUEUE
 
     ref_dir, ref = reference(3, "bf16")
     run = tmp_path / "run"

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.__main__ import build_config, main
-from finetune.surgery import SurgeryError, load_init_weights
+from pretrain.surgery import SurgeryError, load_init_weights
 from finetune_testlib import DS_KWARGS, DS_MODEL, make_ds_runs, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,11 +57,11 @@ def test_cli_print_config_and_errors(weights, capsys, monkeypatch):
     assert main(["--config", recipe, "init="]) == 2  # the demo recipe names runs/demo; clear it
     assert "needs a checkpoint" in capsys.readouterr().err
     assert main(["--config", recipe, "init=/does/not/exist"]) == 2
-    # the entry hands the resolved config to the engine
+    # the entry hands the resolved config to the trainer
     seen = {}
-    fake = types.ModuleType("pretrain.engine")
+    fake = types.ModuleType("pretrain.trainer")
     fake.train = lambda cfg: seen.setdefault("cfg", cfg) and 0
-    monkeypatch.setitem(sys.modules, "pretrain.engine", fake)
+    monkeypatch.setitem(sys.modules, "pretrain.trainer", fake)
     assert main(["--config", recipe, f"init={weights}"]) == 0
     assert seen["cfg"].finetune.init == str(weights) and seen["cfg"].model.img_size == 192
 
@@ -93,8 +93,8 @@ def test_load_init_weights_from_a_zero_run(ds_run):
 
 
 def test_keep_refuses_a_different_label_space(ds_run, tmp_path):
-    from finetune.surgery import adapt_state_dict
-    from finetune.sources import load_state_dict
+    from pretrain.surgery import adapt_state_dict
+    from pretrain.weights import load_state_dict
     sd = load_state_dict(ds_run)
     model = tiny(DS_MODEL, **DS_KWARGS)
     a = [f"n{i:08d}" for i in range(10)]

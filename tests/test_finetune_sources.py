@@ -1,4 +1,4 @@
-"""finetune.sources: every kind of checkpoint -> the same fp32 state dict.
+"""pretrain.weights: every kind of checkpoint -> the same fp32 state dict.
 
 Real DeepSpeed checkpoints (ZeRO 0/1/2/3, fp32 and bf16) are written by one subprocess (1 process, gloo).
 """
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from finetune.sources import SourceError, load_state_dict, load_with_info, resolve_source
+from pretrain.weights import SourceError, load_state_dict, load_with_info, resolve_source
 from finetune_testlib import DS_KWARGS, DS_MODEL, DS_STAGES, make_ds_runs
 
 
@@ -112,7 +112,7 @@ def test_deepspeed_consolidated_loads_strictly(ds_runs):
     from finetune_testlib import tiny
     model = tiny(DS_MODEL, **DS_KWARGS)
     sd = load_state_dict(ds_runs / "run_s3")
-    from finetune.surgery import adapt_state_dict
+    from pretrain.surgery import adapt_state_dict
     model.load_state_dict(adapt_state_dict(sd, model), strict=True)
 
 
@@ -132,7 +132,7 @@ def test_latest_pointer_and_missing_ema(ds_runs, tmp_path):
 
 
 def test_engine_complete_markers(ds_runs, tmp_path):
-    """pretrain.checkpoint marks finished tags with COMPLETE: without `latest` the newest complete tag is
+    """pretrain.rundir marks finished tags with COMPLETE: without `latest` the newest complete tag is
     used, and a half-written tag is refused."""
     import shutil
     ck = tmp_path / "checkpoints"

@@ -1,4 +1,4 @@
-"""finetune.surgery: resolution surgery through each family's filter, head keep / reinit / map21k.
+"""pretrain.surgery: resolution surgery through each family's filter, head keep / reinit / map21k.
 
 Every family at a tiny depth (1 block per stage): a resize to the same size is the identity, 224 -> 384
 round-trips (strict load + forward), and what must be invariant is (bias values at unchanged offsets, MSG
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.surgery import SurgeryError, adapt_state_dict, adapt_state_dict_with_report, head_row_index
+from pretrain.surgery import SurgeryError, adapt_state_dict, adapt_state_dict_with_report, head_row_index
 from finetune_testlib import TINY, tiny
 
 FAMILIES = ["vil", "vil_ape", "msg", "scalable_vit", "restv2", "ms_mlp"]

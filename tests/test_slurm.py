@@ -122,6 +122,7 @@ def runs(slurm_cluster, demo_data, tmp_path_factory):  # noqa: F811
     # Finetuning from ref's run once ref has finished (Slurm holds it until then).
     ft = Run("ft", base / "ft_explicit")  # run.dir= among the arguments wins over $RUNS_ROOT/$SLURM_JOB_NAME
     ft.job_id = cluster.sbatch("slurm/finetune_vil_base_in1k_384.sh", *over, "finetune.head=keep", "train.max_steps=4",
+                               "train.global_batch=0",  # the recipe fixes 512; this CPU cluster runs 2 x micro 8
                                f"run.dir={ft.run_dir}",
                                options=["-J", "ft", *logs, *SBATCH_CPU, f"--dependency=afterok:{out['ref'].job_id}"],
                                cwd=ROOT, env=dict(env, PRETRAINED=str(out["ref"].run_dir)))
