@@ -20,6 +20,7 @@ file (``--labels path/to/synsets.txt``). Any file with one synset per line is a 
 """
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,11 @@ class UnknownSynsetError(ValueError):
     """Synsets found in the source (or requested) that the label space does not contain."""
 
 
+class LabelSpaceError(ValueError):
+    """A label space that cannot be used (unknown name, missing / empty / unreadable file, duplicates).
+    Its message is one line, meant to be shown to the user as is."""
+
+
 @dataclass
 class LabelSpace:
     name: str
@@ -53,7 +59,7 @@ class LabelSpace:
                 if s in seen:
                     dups.append(s)
                 seen.add(s)
-            raise ValueError(f"label space {self.name!r} has duplicate entries: {dups[:20]}")
+            raise LabelSpaceError(f"label space {self.name!r} has duplicate entries: {dups[:20]}")
         self._index = {s: i for i, s in enumerate(self.synsets)}
 
     def __len__(self) -> int:
@@ -92,25 +98,37 @@ class LabelSpace:
 
 
 def read_synset_file(path: str | os.PathLike) -> List[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise LabelSpaceError(f"label space file {str(path)!r} is not a text file ({e.reason} at byte {e.start})") from None
     out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            out.append(line.split()[0].split(",")[0])
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        out.append(line.split()[0].split(",")[0])
     return out
 
 
 def load_label_space(spec: str) -> LabelSpace:
-    """``spec``: a builtin name (see module doc, aliases accepted) or a path to a synset list."""
+    """``spec``: a builtin name (see module doc, aliases accepted) or a path to a synset list.
+    Anything else is a :class:`LabelSpaceError` that suggests the closest builtin name."""
     key = ALIASES.get(str(spec).lower())
     if key is not None:
         p = LABEL_SPACE_DIR / f"{key}.txt"
         return LabelSpace(key, read_synset_file(p), str(p))
     if os.path.isfile(spec):
-        return LabelSpace(Path(spec).stem, read_synset_file(spec), os.path.abspath(spec))
-    raise ValueError(f"unknown label space {spec!r}: use one of {', '.join(BUILTIN)} or a synset-list file")
+        syn = read_synset_file(spec)
+        if not syn:
+            raise LabelSpaceError(f"label space file {spec!r} holds no synsets (one WordNet id per line expected)")
+        return LabelSpace(Path(spec).stem, syn, os.path.abspath(spec))
+    if os.sep in str(spec) or str(spec).endswith(".txt"):
+        raise LabelSpaceError(f"label space file {spec!r} does not exist")
+    close = difflib.get_close_matches(str(spec).lower(), list(ALIASES), n=1, cutoff=0.6)
+    hint = f" (did you mean {ALIASES[close[0]]!r}?)" if close else ""
+    raise LabelSpaceError(f"unknown label space {spec!r}{hint}: use one of {', '.join(BUILTIN)} or a synset-list file")
 
 
 def imagefolder_label_space(class_names: Sequence[str], name: str = "imagefolder") -> LabelSpace:

@@ -201,7 +201,29 @@ def test_synset_tars_truncated_source(tmp_path):
         ms = list(tf)
     with open(p, "r+b") as f:
         f.truncate(ms[2].offset_data + ms[2].size // 2)  # third member cut in the middle
+    # a cut source tar is refused before anything is written, unless --allow-partial
+    with pytest.raises(ConvertError, match="1 of the 2 source tar.*damaged or cut short.*--allow-partial"):
+        convert("--src", str(src), "--layout", "synset-tars", "--labels", "in1k", "--out", str(tmp_path / "o"),
+                "--workers", "1")
+    assert not (tmp_path / "o").exists()
     man = convert("--src", str(src), "--layout", "synset-tars", "--labels", "in1k", "--out", str(tmp_path / "o"),
-                  "--workers", "1")
+                  "--workers", "1", "--allow-partial")
     assert man["splits"]["train"]["num_samples"] == 6
     assert [s["file"] for s in man["skipped"]] == ["n01443537.tar/n01443537_2.JPEG"]
+    [dmg] = man["damaged_sources"]
+    assert (dmg["tar"], dmg["members_read"], dmg["members_lost"], dmg["cut_short"]) == ("n01443537.tar", 2, 1, True)
+    assert dmg["lost_names"] == ["n01443537_2.JPEG"]
+
+
+def test_class_without_readable_image_is_listed(tmp_path):
+    """A class whose every image fails to decode still converts (the others are fine) but is named in the
+    manifest and the log, not left as a label no sample carries without a word."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_imagefolder(src, classes=("cat", "eel"), per_class=2)
+    (src / "dog").mkdir()
+    (src / "dog" / "d0.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    man = convert("--src", str(src), "--layout", "imagefolder", "--out", str(out), "--workers", "1")
+    assert man["num_classes"] == 3 and man["splits"]["train"]["num_samples"] == 4
+    assert man["classes_without_samples"] == ["dog"]
+    assert [s["file"] for s in man["skipped"]] == [os.path.join("dog", "d0.jpg")]
+    assert man["damaged_sources"] == []

@@ -1,6 +1,6 @@
 import pytest
 
-from data.labels import LabelSpace, UnknownSynsetError, load_label_space, map_21k_to_1k
+from data.labels import LabelSpace, LabelSpaceError, UnknownSynsetError, load_label_space, map_21k_to_1k
 
 
 def test_builtin_sizes():
@@ -44,3 +44,22 @@ def test_bad_names():
         load_label_space("no-such-space")
     with pytest.raises(ValueError, match="duplicate"):
         LabelSpace("x", ["a", "b", "a"])
+
+
+def test_label_space_errors_say_what_to_do(tmp_path):
+    with pytest.raises(LabelSpaceError, match=r"unknown label space 'in22k-m' \(did you mean 'in22k-ms'\?\): use one of"):
+        load_label_space("in22k-m")
+    with pytest.raises(LabelSpaceError, match=r"unknown label space 'zzz': use one of in1k, in21k-fall11"):
+        load_label_space("zzz")  # nothing close: no suggestion
+    with pytest.raises(LabelSpaceError, match="label space file 'lists/mine.txt' does not exist"):
+        load_label_space("lists/mine.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(LabelSpaceError, match="holds no synsets"):
+        load_label_space(str(empty))
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(b"\x80\x02\x8a\nlj\xfc\x9cF\xf9 j\xa8")
+    with pytest.raises(LabelSpaceError, match="is not a text file"):
+        load_label_space(str(binary))
+    for e in (LabelSpaceError, UnknownSynsetError):
+        assert issubclass(e, ValueError)
