@@ -8,39 +8,56 @@
     RUN/checkpoints/step_00000100/    DeepSpeed model/optimizer shards (any ZeRO stage)
     RUN/checkpoints/step_00000100/client_rank{r}.pt   rank r's loop state: RNG states, data-loader state
     RUN/checkpoints/step_00000100/ema.safetensors     EMA weights (``train.ema > 0``)
-    RUN/checkpoints/step_00000100/COMPLETE            written by rank 0 after every rank finished writing
+    RUN/checkpoints/step_00000100/COMPLETE            written by rank 0 after every rank finished writing:
+                                      JSON {world_size, files: {name: {size, crc32}}}
+    RUN/checkpoints/corrupt-step_00000100/            a checkpoint that failed verification (kept, never read)
     RUN/checkpoints/latest            tag of the newest COMPLETE checkpoint (atomic rename)
     RUN/exports/                      ``python -m finetune.export`` output
 
 DeepSpeed writes ``latest`` itself as soon as *its* files are written; we pass ``save_latest=False`` and
 publish the tag only after our per-rank files exist and a barrier confirms them, so a crash at any point
 leaves ``latest`` on the previous complete checkpoint.
+
+Integrity: COMPLETE records every file of the tag with its size and CRC-32 (zlib's, ~2 GB/s per core, in
+the standard library; each rank checksums a share of the files, so a multi-GB checkpoint costs well under a
+second per GB and rank). CRC-32 catches truncation and bit rot, which is what a crash or a bad disk does;
+it is not a defence against deliberate tampering (loading is weights-only for that, see
+:mod:`pretrain.safeload`). Resume verifies the newest checkpoint and falls back to older ones.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import glob
+import json
+import logging
 import os
 import random
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain import safeload
+
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TAG_FMT = "step_{:08d}"
+CORRUPT_PREFIX = "corrupt-"
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.yaml"
 EXPORTS = "exports"
 LOCK_FILE = ".train.lock"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's stage-0 / module file in a tag folder
+
+
+log = logging.getLogger("pretrain")
 
 
 class CheckpointError(RuntimeError):
@@ -65,11 +82,12 @@ def is_complete(tag_dir: Path) -> bool:
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags with the COMPLETE marker, oldest first."""
+    """Tags with the COMPLETE marker, oldest first (quarantined ``corrupt-*`` folders excluded)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and is_complete(p))
+    return sorted(p.name for p in ckpt_dir.iterdir()
+                  if p.is_dir() and is_complete(p) and not p.name.startswith(CORRUPT_PREFIX))
 
 
 def latest_complete(ckpt_dir: Path) -> str | None:
@@ -113,13 +131,36 @@ def check_not_partial(tag_dir: Path) -> None:
                               "have one: a write was interrupted); use another tag or the checkpoint folder")
 
 
+def read_complete(tag_dir: Path) -> dict:
+    """The COMPLETE record of a tag: ``{world_size, files}`` (``files`` None for markers written before
+    checksums existed). An unreadable marker raises CheckpointError."""
+    path = Path(tag_dir) / COMPLETE
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        rec = json.loads(text)
+        if isinstance(rec, int):  # the first format: the world size alone
+            return {"world_size": rec, "files": None}
+        if isinstance(rec, dict) and isinstance(rec.get("world_size"), int) and isinstance(rec.get("files"), dict):
+            return rec
+    except ValueError:
+        pass
+    raise CheckpointError(f"{path}: not a completion record (content {text[:60]!r})")
+
+
 def saved_world_size(ckpt_dir: Path, tag: str) -> int:
-    return int((Path(ckpt_dir) / tag / COMPLETE).read_text().split()[0])
+    return read_complete(Path(ckpt_dir) / tag)["world_size"]
 
 
 def check_world_size(ckpt_dir: Path, tag: str, world: int) -> None:
-    """Refuse, before anything is loaded or written, a checkpoint written by another number of processes."""
-    saved = saved_world_size(ckpt_dir, tag)
+    """Refuse, before anything is loaded or written, a checkpoint written by another number of processes
+    (an unreadable marker is left to verification, which then falls back to an older checkpoint)."""
+    try:
+        saved = saved_world_size(ckpt_dir, tag)
+    except CheckpointError:
+        return
     if saved != world:
         raise CheckpointError(
             f"checkpoint {Path(ckpt_dir) / tag} was written by {saved} processes, this job has {world}. "
@@ -128,15 +169,19 @@ def check_world_size(ckpt_dir: Path, tag: str, world: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain values (numpy's key array as a tensor), so a weights-only load reads them."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -148,6 +193,59 @@ def write_atomic(path: Path, data: str) -> None:
     with open(tmp) as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def file_crc32(path: Path, chunk: int = 16 << 20) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return f"{crc:08x}"
+            crc = zlib.crc32(block, crc)
+
+
+def _tag_files(tag_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(tag_dir)) for p in Path(tag_dir).rglob("*")
+                  if p.is_file() and p.name != COMPLETE and not p.name.endswith(".tmp"))
+
+
+def _share(names: list[str]) -> list[str]:
+    """This rank's share of a file list (every rank sees the same sorted list on a shared filesystem)."""
+    return names[dist.get_rank()::dist.get_world_size()]
+
+
+def checksum_files(tag_dir: Path) -> dict:
+    """Collective: ``{name: {size, crc32}}`` of every file of the tag, each rank checksumming a share."""
+    mine = {n: {"size": (Path(tag_dir) / n).stat().st_size, "crc32": file_crc32(Path(tag_dir) / n)}
+            for n in _share(_tag_files(tag_dir))}
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in sorted(part.items())}
+
+
+def verify_problem(tag_dir: Path) -> str | None:
+    """Collective: why the tag does not verify against its COMPLETE record (None when it does). Every rank
+    gets the same answer."""
+    tag_dir = Path(tag_dir)
+    problem = None
+    try:
+        files = read_complete(tag_dir)["files"]
+    except CheckpointError as e:
+        problem, files = str(e), None
+    for name in _share(sorted(files)) if files else []:
+        path, want = tag_dir / name, files[name]
+        if not path.is_file():
+            problem = f"{path} is missing"
+        elif path.stat().st_size != want["size"]:
+            problem = f"{path} has {path.stat().st_size} bytes, {want['size']} were written"
+        elif file_crc32(path) != want["crc32"]:
+            problem = f"{path} does not match its checksum (crc32 {want['crc32']} when written)"
+        if problem:
+            break
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, problem)
+    return next((p for p in found if p), None)
 
 
 class RunDir:
@@ -273,30 +371,55 @@ class Checkpointer:
         if self.fault_hook is not None:
             self.fault_hook(tag)  # tests: die here, with DeepSpeed's files written but nothing published
         dist.barrier()
+        files = checksum_files(self.ckpt_dir / tag)  # after the barrier: every rank's files are written
         if rank == 0:
-            self._publish(tag)
+            self._publish(tag, files)
         dist.barrier()
         return tag
 
-    def _publish(self, tag: str) -> None:
-        write_atomic(self.ckpt_dir / tag / COMPLETE, f"{dist.get_world_size()}\n")
+    def _publish(self, tag: str, files: dict) -> None:
+        record = {"world_size": dist.get_world_size(), "files": files}
+        write_atomic(self.ckpt_dir / tag / COMPLETE, json.dumps(record, indent=0, sort_keys=True) + "\n")
         write_atomic(self.ckpt_dir / LATEST, tag)
-        for old in complete_tags(self.ckpt_dir)[:-self.keep]:
+        for old in complete_tags(self.ckpt_dir)[:-self.keep]:  # the tag just published is the newest good one
             shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
         # partial tags (a crash during a write) older than the one just published are garbage too
         for p in self.ckpt_dir.iterdir():
-            if p.is_dir() and not is_complete(p) and p.name < tag:
+            if p.is_dir() and not is_complete(p) and p.name.startswith("step_") and p.name < tag:
                 shutil.rmtree(p, ignore_errors=True)
 
+    def candidates(self) -> list[str]:
+        """Complete tags to try for resume, newest first (``latest`` first when it names one)."""
+        tags = complete_tags(self.ckpt_dir)[::-1]
+        latest = self.ckpt_dir / LATEST
+        if latest.is_file():
+            named = latest.read_text().strip()
+            if named in tags:
+                tags.remove(named)
+                tags.insert(0, named)
+            elif dist.get_rank() == 0:
+                log.warning("%s names %r, which is not a complete checkpoint; resuming from the newest that "
+                            "verifies", latest, named)
+        return tags
+
+    def quarantine(self, tag: str, why: str) -> None:
+        """Collective: rename a checkpoint that failed verification or loading out of the resume path."""
+        if dist.get_rank() == 0:
+            log.warning("checkpoint %s cannot be resumed (%s); kept as %s%s, trying the next older one",
+                        self.ckpt_dir / tag, why, CORRUPT_PREFIX, tag)
+            os.replace(self.ckpt_dir / tag, self.ckpt_dir / f"{CORRUPT_PREFIX}{tag}")
+        dist.barrier()
+
     def load(self, engine, tag: str) -> tuple[dict, dict]:
-        """Collective: restore model/optimizer via DeepSpeed; returns (common client state, this rank's)."""
+        """Collective: restore model/optimizer via DeepSpeed; returns (common client state, this rank's).
+        Every pickle is read weights-only."""
         check_world_size(self.ckpt_dir, tag, dist.get_world_size())
-        path, common = engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        with safeload.weights_only_loads():
+            path, common = engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
-        # Our own files, written by this very pipeline (RNG states need pickle: numpy's state is a tuple).
-        rank_state = torch.load(client_state_file(self.ckpt_dir / tag, dist.get_rank()), weights_only=False)
+        rank_state = safeload.load(client_state_file(self.ckpt_dir / tag, dist.get_rank()))
         return common, rank_state
 
     def load_ema(self, tag: str) -> dict | None:

@@ -30,7 +30,8 @@ from pretrain.engine import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, TrainingError
 from pretrain.metrics import RunLogger, StepTimer, peak_flops
 from pretrain.optim import build_optimizer, build_scheduler, effective_lr
 from pretrain.precision import agree_all, resolve_precision
-from pretrain.rundir import Checkpointer, CheckpointError, RunDir, check_world_size, latest_complete
+from pretrain.rundir import (Checkpointer, CheckpointError, RunDir, check_world_size, is_complete, latest_complete,
+                             verify_problem)
 
 log = logging.getLogger("pretrain")
 
@@ -86,7 +87,7 @@ def resume_target(cfg: Config, run: RunDir) -> tuple[Path, str] | None:
                                 "or run.resume=auto")
         return None
     p = Path(cfg.run.resume)
-    ckpt_dir, tag = (p.parent, p.name) if (p / "COMPLETE").is_file() else (p, latest_complete(p))
+    ckpt_dir, tag = (p.parent, p.name) if is_complete(p) else (p, latest_complete(p))
     if tag is None:
         raise TrainingError(f"run.resume={cfg.run.resume}: no complete checkpoint there")
     return ckpt_dir, tag
@@ -227,10 +228,39 @@ class Trainer:
         s.last_ckpt_time = time.monotonic()
         log.info("checkpoint %s written", self.ckpt.ckpt_dir / tag)
 
-    def resume(self, ckpt_dir: Path, tag: str) -> None:
+    def resume(self, ckpt_dir: Path, newest: str) -> None:
+        """Resume from the newest checkpoint of ``ckpt_dir`` that verifies and loads (collective: all ranks
+        agree on every decision). One that does not is logged with the reason, and in the run's own folder
+        renamed ``corrupt-TAG`` so later resumes skip it; then the next older one is tried."""
+        own = Path(ckpt_dir).resolve() == self.ckpt.ckpt_dir.resolve()
+        ckpt = self.ckpt if own else Checkpointer(ckpt_dir)
+        tags = [newest] + [t for t in ckpt.candidates() if t != newest]
+        for tag in tags:
+            why = verify_problem(ckpt.ckpt_dir / tag) or self._load_agreed(ckpt, tag)
+            if why is None:
+                return
+            if own:
+                ckpt.quarantine(tag, why)
+            elif self.rank == 0:
+                log.warning("checkpoint %s cannot be resumed (%s); trying the next older one", ckpt_dir / tag, why)
+        raise CheckpointError(f"no checkpoint in {ckpt_dir} verifies and loads (tried {', '.join(tags)}); "
+                              "see the warnings above. Nothing was trained.")
+
+    def _load_agreed(self, ckpt: Checkpointer, tag: str) -> str | None:
+        """Load ``tag`` on every rank; the first rank's error message when any rank failed, else None."""
+        error = None
+        try:
+            self._load(ckpt, tag)
+        except Exception as e:  # noqa: BLE001 - any failure to load means: try an older checkpoint
+            error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        errors = [None] * self.world
+        dist.all_gather_object(errors, error)
+        return next((e for e in errors if e), None)
+
+    def _load(self, ckpt: Checkpointer, tag: str) -> None:
         from pretrain.rundir import set_rng_state
 
-        ckpt = self.ckpt if Path(ckpt_dir) == self.ckpt.ckpt_dir else Checkpointer(ckpt_dir)
+        ckpt_dir = ckpt.ckpt_dir
         common, rank_state = ckpt.load(self.engine, tag)
         self.state.step, self.state.epoch = common["step"], common["epoch"]
         self.state.skipped = common.get("skipped", 0)

@@ -12,16 +12,17 @@
   ``torch.load(weights_only=True)``: a plain state dict or a released checkpoint wrapped in ``model`` /
   ``module`` / ``state_dict`` / ``model_ema`` with or without the ``module.`` prefix.
 
-Safety: every file a user may have downloaded is read with ``weights_only=True`` (or safetensors). Only
-DeepSpeed's own checkpoint files need ``weights_only=False`` (DeepSpeed pickles its optimizer and
-config objects); those are files this project wrote itself (our run directories), never third-party
-downloads.
+Safety: every pickle is read weights-only (:mod:`pretrain.safeload`), DeepSpeed's files included: its
+consolidation tool runs with loads forced to ``weights_only=True`` and only DeepSpeed's three checkpoint
+record classes allowed. A file that asks for anything else is refused with one line (:class:`SourceError`)
+and never unpickled.
 
 EMA: the engine saves EMA weights (``train.ema > 0``) as ``ema.safetensors`` inside the checkpoint tag
 folder; ``ema=True`` selects them (and a released checkpoint's ``model_ema`` entry).
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -32,6 +33,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from models.layers.checkpoint import unwrap_state_dict
+from pretrain import safeload
 from pretrain.rundir import (EMA_FILE, MODEL_STATES, CheckpointError, RunDir, check_not_partial, find_tag_dir,
                              is_tag_dir)
 
@@ -101,6 +103,15 @@ def _run_label_space(cfg: dict) -> Optional[Any]:
         return None
 
 
+@contextlib.contextmanager
+def _safe(path):
+    """An unsafe pickle becomes a SourceError naming the file (one line for the CLIs)."""
+    try:
+        yield
+    except safeload.UnsafeCheckpointError as e:
+        raise SourceError(str(e).replace("checkpoint: refused", f"{path}: refused", 1)) from None
+
+
 def _find_tag_dir(ckpt_dir: Path) -> Path:
     try:
         return find_tag_dir(ckpt_dir)
@@ -123,16 +134,16 @@ def load_deepspeed_tag(tag_dir: Path, ema: bool = False) -> Dict[str, torch.Tens
         return _float_cpu(load_file(str(ema_file)))
     if glob.glob(str(tag_dir / "*zero_pp_rank_*optim_states.pt")):
         # ZeRO 1-3 (and bf16 stage 0, which shards fp32 masters the same way): DeepSpeed's own tool.
-        # Our own files: DeepSpeed reads them with weights_only=False internally.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        with _safe(tag_dir), safeload.weights_only_loads():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         return _float_cpu(sd)
     states = tag_dir / MODEL_STATES
     if not states.is_file():
         raise SourceError(f"{tag_dir}: neither ZeRO optimizer shards nor {MODEL_STATES} found")
-    # stage 0: the module weights are whole in the model-states file (written by our own engine;
-    # DeepSpeed pickles non-tensor objects there, hence weights_only=False).
-    obj = torch.load(states, map_location="cpu", weights_only=False)
+    # stage 0: the module weights are whole in the model-states file
+    with _safe(states):
+        obj = safeload.load(states)
     module = obj.get("module") if isinstance(obj, dict) else None
     if not isinstance(module, dict) or not module:
         raise SourceError(f"{states} has no 'module' weights")
@@ -145,12 +156,14 @@ def load_file(path: str | os.PathLike, ema: bool = False) -> Dict[str, torch.Ten
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file as st_load
         return _float_cpu(unwrap(st_load(str(path)), ema=False))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise SourceError(f"{path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}). Arbitrary pickles are refused on purpose; convert "
-                          "the file to a plain state dict or .safetensors") from None
+    with _safe(path):
+        try:
+            obj = safeload.load(path)
+        except safeload.UnsafeCheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise SourceError(f"{path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from None
     return _float_cpu(unwrap(obj, ema=ema))
 
 

@@ -3,6 +3,7 @@ signal -> checkpoint -> resume, crash during a checkpoint write, non-finite loss
 TensorBoard events."""
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
@@ -69,6 +70,33 @@ def test_other_stages_save_load_exact(shards, reference, tmp_path, stage):
     run_ranks(base + ["train.stop_at_step=4"])
     assert latest_complete(run / "checkpoints") == "step_00000004"
     run_ranks(base)
+    assert step_losses(run) == ref
+
+
+def test_resume_skips_checkpoints_that_do_not_verify(shards, reference, tmp_path):
+    """`latest` names a missing tag, the newest checkpoint has a truncated file, the next one a garbled
+    COMPLETE: resume says why for each, sets them aside as corrupt-*, continues from the newest good one and
+    reproduces the uninterrupted run's losses."""
+    _, ref = reference(1, "fp32")
+    run = tmp_path / "run"
+    base = args_for(shards, run, "deepspeed.zero_stage=1", "precision=fp32", "checkpoint.every_steps=2",
+                    "checkpoint.keep=3", "train.max_steps=8")
+    run_ranks(base + ["train.stop_at_step=6"])
+    ck = run / "checkpoints"
+    assert complete_tags(ck) == ["step_00000002", "step_00000004", "step_00000006"]
+    record = json.loads((ck / "step_00000006" / COMPLETE).read_text())
+    assert record["world_size"] == 2 and all(set(v) == {"size", "crc32"} for v in record["files"].values())
+    victim = sorted((ck / "step_00000006").glob("*optim_states.pt"))[0]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    (ck / "step_00000004" / COMPLETE).write_text("garbage")
+    (ck / "latest").write_text("step_00000099")
+    r = run_ranks(base)
+    out = r.output(0)
+    assert "names 'step_00000099', which is not a complete checkpoint" in out
+    assert f"{victim.name} has" in out and "not a completion record" in out
+    assert "resumed from" in out and "step_00000002 at step 2" in out
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith("corrupt-")) == [
+        "corrupt-step_00000004", "corrupt-step_00000006"]
     assert step_losses(run) == ref
 
 

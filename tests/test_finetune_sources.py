@@ -2,6 +2,7 @@
 
 Real DeepSpeed checkpoints (ZeRO 0/1/2/3, fp32 and bf16) are written by one subprocess (1 process, gloo).
 """
+import os
 import pickle
 
 import pytest
@@ -69,6 +70,39 @@ def test_refuses_arbitrary_pickles(tmp_path):
         pickle.dump({"model": _Evil()}, f, protocol=2)
     with pytest.raises(SourceError, match="weights-only"):
         load_state_dict(p)
+
+
+class _CreatesFile:
+    """A pickle payload with a side effect: unpickling it would create ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+@pytest.mark.parametrize("where", ["file", "stage0_tag", "zero_tag"])
+def test_payload_pickles_are_never_unpickled(ds_runs, tmp_path, where):
+    """A file that would run code when unpickled is refused with one line on every load path (a released
+    file, a DeepSpeed model-states file, DeepSpeed's consolidation of ZeRO shards); the code never runs."""
+    import shutil
+    marker = tmp_path / "payload_ran"
+    evil = {"module": {"w": torch.zeros(1)}, "extra": _CreatesFile(marker)}
+    if where == "file":
+        target = tmp_path / "evil.pt"
+        torch.save(evil, target)
+    else:
+        stage = 0 if where == "stage0_tag" else 2
+        target = tmp_path / "run" / "checkpoints" / "global_step1"
+        shutil.copytree(ds_runs / f"run_s{stage}" / "checkpoints" / "global_step1", target)
+        victim = sorted(target.glob("*model_states.pt" if stage == 0 else "*optim_states.pt"))[0]
+        torch.save(evil, victim)
+    with pytest.raises(SourceError) as err:
+        load_state_dict(target)
+    msg = str(err.value)
+    assert "\n" not in msg and "weights-only" in msg and "os.makedirs" in msg, msg
+    assert not marker.exists()
 
 
 def test_bad_paths(tmp_path):
