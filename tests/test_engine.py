@@ -101,7 +101,12 @@ def test_resume_skips_checkpoints_that_do_not_verify(shards, reference, tmp_path
 
 
 def test_stages_agree(reference):
-    """ZeRO 1, 2 and 3 partition the same computation: fp32 losses agree closely across stages."""
+    """ZeRO 1, 2 and 3 partition the same computation: fp32 losses agree closely across stages (only the
+    order of the gradient reductions differs), bf16 within bf16's rounding."""
+    fp32 = {stage: reference(stage, "fp32")[1] for stage in (1, 2, 3)}
+    for stage in (2, 3):
+        for k in fp32[1]:
+            assert fp32[stage][k] == pytest.approx(fp32[1][k], rel=1e-5), (stage, k)
     _, r3 = reference(3, "bf16")
     _, r2 = reference(2, "bf16")
     for k in r3:

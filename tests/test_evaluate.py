@@ -59,6 +59,35 @@ def test_21k_model_evaluates_on_1k_through_the_synset_map(world1):
     assert res["eval/top1"] == pytest.approx(75.0)
 
 
+def test_21k_map_that_is_not_the_identity(world1):
+    """A 21K head in fall11's sorted-WNID order (plus the one 1K synset fall11 lacks, as a user-provided
+    synset file would add it): the 1K classes sit at scattered rows, so top-1 is right only if the map is
+    applied."""
+    from data.labels import load_label_space
+
+    synsets = load_label_space("in21k-fall11").synsets + ["n04399382"]
+    cfg = load_config(None, ["train.max_steps=1", "eval.label_map=21k-to-1k"])
+    index = eval_class_index(cfg, {"name": "fall11+1", "synsets": synsets}, {"name": "in1k"})
+    in1k = load_label_space("in1k").synsets
+    assert [synsets[r] for r in index.tolist()] == in1k
+    assert sum(r != c for c, r in enumerate(index.tolist())) > 990  # almost every class moves
+
+    class Fixed21k(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], len(synsets))
+            logits[torch.arange(x.shape[0]), x[:, 0, 0, 0].long()] = 1.0
+            return logits
+
+    labels = torch.tensor([3, 500, 998, 999, 42])
+    rows = index[labels].clone()
+    rows[-1] = index[41]  # one wrong prediction
+    images = rows.float().view(-1, 1, 1, 1).expand(-1, 3, 2, 2).contiguous()
+    mapped = evaluate(Fixed21k(), [(images, labels)], torch.device("cpu"), torch.float32, index)
+    assert mapped["eval/top1"] == pytest.approx(80.0)
+    unmapped = evaluate(Fixed21k(), [(images, labels)], torch.device("cpu"), torch.float32, None)
+    assert unmapped["eval/top1"] == 0.0
+
+
 def test_no_map_means_identity():
     cfg = load_config(None, ["train.max_steps=1"])
     assert eval_class_index(cfg, None, None) is None
