@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import tarfile
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -226,10 +225,21 @@ def resolve(spec: str, split_hint: Optional[str] = None) -> ShardSet:
 # ----------------------------------------------------------------------------------------------
 # read-time validation
 # ----------------------------------------------------------------------------------------------
-def _cache_dir() -> str:
-    d = os.environ.get("HVP_DATA_CACHE") or os.path.join(tempfile.gettempdir(), "hvp-data-index")
-    os.makedirs(d, exist_ok=True)
+class ShardError(DatasetNotFoundError):
+    """A shard that cannot be read or indexed (the message names it)."""
+
+
+def cache_dir() -> str:
+    """Per-user index cache: ``$HVP_DATA_CACHE``, else ``$XDG_CACHE_HOME/hvp``, else ``~/.cache/hvp``."""
+    d = os.environ.get("HVP_DATA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "hvp")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the data index cache {d} ({e}); set HVP_DATA_CACHE to a writable "
+                      "directory") from e
     return d
+
 
 
 def _jpeg_ok(f, off: int, size: int, level: str = "markers") -> bool:
@@ -292,7 +302,10 @@ def validated_index(tar_path: str, exts=("jpg", "cls"), deep="markers") -> Tuple
     cls_size, key) for the torch path. The result is cached by (path, size, mtime)."""
     st = os.stat(tar_path)
     tag = hashlib.sha1(f"{os.path.abspath(tar_path)}|{st.st_size}|{st.st_mtime_ns}|{exts}|{deep}".encode()).hexdigest()[:20]
-    cache = os.path.join(_cache_dir(), tag)
+    try:
+        cache = os.path.join(cache_dir(), tag)
+    except OSError as e:
+        raise _CacheWriteError(str(e)) from e
     if os.path.isfile(cache + ".json") and os.path.isfile(cache + ".idx"):
         try:
             with open(cache + ".json") as f:
@@ -343,12 +356,20 @@ def validated_index(tar_path: str, exts=("jpg", "cls"), deep="markers") -> Tuple
     # process-unique names and rename them into place (index first; readers need both), so no reader ever
     # sees a half-written file.
     tmp = f".{os.getpid()}.{threading.get_ident()}.tmp"
-    write_index(good_raw, cache + ".idx" + tmp)
-    os.replace(cache + ".idx" + tmp, cache + ".idx")
-    with open(cache + ".json" + tmp, "w") as f:
-        json.dump({"samples": good, "problems": problems}, f)
-    os.replace(cache + ".json" + tmp, cache + ".json")
+    try:
+        write_index(good_raw, cache + ".idx" + tmp)
+        os.replace(cache + ".idx" + tmp, cache + ".idx")
+        with open(cache + ".json" + tmp, "w") as f:
+            json.dump({"samples": good, "problems": problems}, f)
+        os.replace(cache + ".json" + tmp, cache + ".json")
+    except OSError as e:
+        raise _CacheWriteError(f"cannot write the index of {tar_path} to the cache {os.path.dirname(cache)} "
+                               f"({e}); set HVP_DATA_CACHE to a writable directory") from e
     return cache + ".idx", good, problems
+
+
+class _CacheWriteError(RuntimeError):
+    """Not a shard problem: never turned into a skipped shard."""
 
 
 @dataclass
@@ -367,20 +388,35 @@ class ValidatedShards:
     def num_samples(self) -> int:
         return sum(self.counts)
 
+    def table_hash(self) -> int:
+        """Hash of the validated sample table (shard file names, and per sample its key, offsets and sizes),
+        as a signed 64-bit integer so ranks can all-reduce it (min == max) to check they read the same data."""
+        h = hashlib.blake2b(digest_size=8)
+        for p, smp in zip(self.shards, self.samples):
+            h.update(os.path.basename(p).encode() + b"\0")
+            for jo, js, co, cs, key in smp:
+                h.update(f"{key}\t{jo}\t{js}\t{co}\t{cs}\n".encode())
+        return int.from_bytes(h.digest(), "little", signed=True)
 
-def validate_shards(ss: ShardSet, deep="markers") -> ValidatedShards:
+
+def validate_shards(ss: ShardSet, deep="markers", allow_missing: bool = False) -> ValidatedShards:
     """``deep``: 'markers' (default; JPEG marker structure, header reads only), 'decode' (full PIL
     decode once, cached) or False/'index' (trusts the per-sample content of the shard index (tar structure, truncation and
-    missing files are still checked): use it for very large datasets on slow file systems."""
-    shards, idxs, samples, problems = [], [], [], []
+    missing files are still checked): use it for very large datasets on slow file systems.
+
+    A shard file that is missing or cannot be read or indexed raises :class:`ShardError` naming it;
+    with ``allow_missing=True`` it is skipped instead, counted in ``skipped`` (when its count is known)
+    and logged. Corrupt samples inside a readable shard (truncation, bad JPEG markers, missing
+    components) are always dropped, counted and logged."""
+    shards, idxs, samples, problems, lost = [], [], [], [], []
     for p in ss.missing:
-        problems.append(f"{p}: missing shard file")
+        lost.append(f"{p}: missing shard file")
     skipped = 0
     for i, p in enumerate(ss.shards):
         try:
             idx, smp, probs = validated_index(p, deep=deep)
         except (OSError, ValueError) as e:
-            problems.append(f"{p}: unreadable shard ({e})")
+            lost.append(f"{p}: unreadable shard ({e})")
             if ss.counts[i] > 0:
                 skipped += ss.counts[i]
             continue
@@ -389,17 +425,24 @@ def validate_shards(ss: ShardSet, deep="markers") -> ValidatedShards:
             skipped += max(0, ss.counts[i] - len(smp))
         else:
             skipped += sum(1 for x in probs if ": missing shard" not in x and "truncated tar" not in x)
-        if not smp:
+        if not smp:  # nothing could be indexed (not a tar, cut before its first sample)
+            lost.append(f"{p}: no readable sample in the shard" + (f" ({probs[0]})" if probs else ""))
             continue
         shards.append(p)
         idxs.append(idx)
         samples.append(smp)
+    if lost and not allow_missing:
+        raise ShardError(f"{ss.source}: {len(lost)} shard(s) cannot be read: " + "; ".join(lost[:5])
+                         + (" ..." if len(lost) > 5 else "") + " (data.allow_missing_shards=true skips them)")
     if ss.manifest is not None and ss.missing:
         sp = ss.manifest["splits"][ss.split]
         cnt = {os.path.join(os.path.dirname(os.path.abspath(ss.source)), s["file"]): s["count"] for s in sp["shards"]}
         skipped += sum(int(cnt.get(p, 0)) for p in ss.missing)
+    problems = lost + problems
     for msg in problems:
         log.warning("data: skipping %s", msg)
+    if lost:
+        log.warning("data: %s: %d shard(s) skipped (allow_missing_shards)", ss.source, len(lost))
     if not shards:
         raise DatasetNotFoundError(f"{ss.source}: no readable samples in any shard")
     return ValidatedShards(shards, idxs, samples, skipped, problems)

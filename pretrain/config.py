@@ -49,6 +49,7 @@ class DataConfig:
     train_crop: str = "rrc"  # rrc (random-resized-crop) | resize_crop (finetune: resize, random crop)
     interpolation: str = "bicubic"
     verify_samples: str = "markers"  # markers (JPEG/PNG markers, once per shard) | decode (full decode) | none
+    allow_missing_shards: bool = False  # an unreadable shard is skipped (counted, logged on every rank), not an error
 
 
 @dataclass

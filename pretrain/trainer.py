@@ -168,16 +168,29 @@ class Trainer:
                   model_mean_std=(self.pcfg["mean"], self.pcfg["std"]))
         split = "train"
         try:
-            self.train_loader = build_loader("train", data_cfg, cfg.aug, **kw)
+            self.train_loader = build_loader("train", data_cfg, cfg.aug, grad_accum=t.grad_accum, **kw)
             split = "eval"
             self.eval_loader = build_loader("eval", data_cfg, cfg.aug, **kw) if cfg.data.eval else None
         except DatasetNotFoundError as e:
             raise ConfigError(f"config key 'data.{split}': {e}") from None
+        self._check_same_data()
         self.num_classes = cfg.model.num_classes or self.train_loader.num_classes
         self.steps_per_epoch = max(len(self.train_loader) // t.grad_accum, 1)
         self.total_steps = t.max_steps or int(math.ceil(t.epochs * self.steps_per_epoch))
         self.class_index = E.eval_class_index(cfg, self.train_loader.label_space,
                                               self.eval_loader.label_space if self.eval_loader else None)
+
+    def _check_same_data(self) -> None:
+        """Every rank indexed the shards on its own (a stale index cache on one node would mean training on
+        different data): compare a hash of the validated sample table across ranks."""
+        h = torch.tensor([self.train_loader.sample_table_hash()] * 2, dtype=torch.int64)
+        lo, hi = h[:1].clone(), h[1:].clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if lo.item() != hi.item():
+            raise TrainingError("the ranks indexed different training samples from the same shards (a stale or "
+                                "foreign index cache, or shards changing under the job); clear the cache "
+                                "($HVP_DATA_CACHE, else $XDG_CACHE_HOME/hvp or ~/.cache/hvp) and restart")
 
     def _build_engine(self) -> None:
         """Finetune init (fresh runs), optimizer, DeepSpeed, per-step schedule, loss, EMA."""

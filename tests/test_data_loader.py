@@ -217,6 +217,7 @@ def test_corrupt_data_at_read_time(small_data, tmp_path, pipeline, caplog):
     man = _corrupt_copy(small_data, d)
     total = man["splits"]["train"]["num_samples"]
     dc, ac = cfgs(d, pipeline)
+    dc.allow_missing_shards = True  # a missing shard file is an error by default (test_data_shards.py)
     with caplog.at_level("WARNING"):
         L = build_loader("train", dc, ac, img_size=24, micro_batch=4, seed=0)
     assert L.skipped >= 1 + man["splits"]["train"]["shards"][2]["count"]
@@ -285,3 +286,7 @@ def test_bench_smoke(small_data, tmp_path, capsys):
     assert main(["--shards", small_data, "--workers", "1", "--batch", "8", "--size", "32", "--batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "DALI CPU train" in out and "torch fallback train" in out and "decode-only" in out
+    from data.bench import compare
+    res = compare(small_data, 1, 8, 32, repeats=1)
+    assert res["num_samples"] == 96
+    assert res["old reader", "warm"][0] > 0 and res["new source", "warm"][0] > 0

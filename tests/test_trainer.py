@@ -139,3 +139,25 @@ def test_auto_precision_agreed_and_epoch_evaluation(small_shards, tmp_path):
     evals = [json.loads(line)["step"] for line in (run / "eval_log.jsonl").read_text().splitlines()]
     assert per_epoch >= 1 and evals == [per_epoch, 2 * per_epoch], (evals, sorted(losses))
     assert os.path.isfile(run / "checkpoints" / "latest")
+
+
+def test_ranks_that_index_different_samples_stop(small_shards, tmp_path):
+    """Rank 1 reads a stale index cache that lacks one sample: the ranks compare a hash of their sample
+    tables and stop with one clear error before training."""
+    stale = tmp_path / "stale_cache"
+    code = (f"from data.shards import resolve, validate_shards; "
+            f"validate_shards(resolve({str(small_shards) + '#train'!r}))")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env({"HVP_DATA_CACHE": str(stale)}),
+                   check=True, timeout=120)
+    for meta in stale.glob("*.json"):
+        rec = json.loads(meta.read_text())
+        rec["samples"] = rec["samples"][:-1]
+        meta.write_text(json.dumps(rec))
+    run = tmp_path / "run"
+    args = ["--config", "pretrain/configs/demo.yaml", f"run.dir={run}", f"data.train={small_shards}#train",
+            "data.eval=", *TINY, "train.max_steps=2"]  # data.verify_samples=markers, as the cache was written
+    ranks = Ranks(args, nproc=2, env={"HVP_DATA_CACHE": str(tmp_path / "fresh_cache")},
+                  rank_env={1: {"HVP_DATA_CACHE": str(stale)}})
+    assert ranks.wait() == [1, 1]
+    assert "indexed different training samples" in ranks.output(0)
+    assert not (run / "checkpoints").exists()
