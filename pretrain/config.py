@@ -75,6 +75,7 @@ class TrainConfig:
     ema: float = 0.0  # EMA decay of weights; 0 disables
     max_nonfinite: int = 5  # consecutive non-finite losses before stopping
     stop_at_step: int = 0  # checkpoint and exit 0 after this step (time-sliced jobs); 0 = off
+    compile: bool = False  # torch.compile the model inside the DeepSpeed engine (training and evaluation)
 
 
 @dataclass

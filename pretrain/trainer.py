@@ -24,13 +24,14 @@ import torch.distributed as dist
 
 from launch.distributed import init_distributed
 from launch.signals import EXIT_REQUEUE, STOP
+from pretrain import elastic
 from pretrain import engine as E
 from pretrain.config import Config, ConfigError
 from pretrain.engine import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, TrainingError
 from pretrain.metrics import RunLogger, StepTimer, peak_flops
 from pretrain.optim import build_optimizer, build_scheduler, effective_lr
 from pretrain.precision import agree_all, resolve_precision
-from pretrain.rundir import (Checkpointer, CheckpointError, RunDir, check_world_size, is_complete, latest_complete,
+from pretrain.rundir import (Checkpointer, CheckpointError, RunDir, is_complete, latest_complete,
                              verify_problem)
 
 log = logging.getLogger("pretrain")
@@ -67,10 +68,11 @@ def resolve_grad_accum(t, world: int) -> int:
         raise ConfigError(f"config key 'train.grad_accum'={t.grad_accum} contradicts 'train.global_batch'="
                           f"{t.global_batch} on {world} processes (it would be {t.global_batch // per_step}); "
                           "leave grad_accum at 1 to derive it")
-    per_rank = t.global_batch // t.micro_batch
+    per_rank = t.global_batch // t.micro_batch if t.global_batch % t.micro_batch == 0 else 0
     worlds = [w for w in range(1, per_rank + 1) if per_rank % w == 0]
     micros = [m for m in range(1, t.global_batch // world + 1) if t.global_batch % (m * world) == 0]
-    fix = f"use a world size in {worlds[-8:]}" + (f" or train.micro_batch= one of {micros[-6:]}" if micros else "")
+    fix = " or ".join(([f"use a world size in {worlds[-8:]}"] if worlds else [])
+                      + ([f"train.micro_batch= one of {micros[-6:]}"] if micros else [])) or "no layout fits"
     raise ConfigError(f"config key 'train.global_batch'={t.global_batch} cannot be reached with micro_batch "
                       f"{t.micro_batch} on {world} processes: {fix} (the recipe's lr is tuned for this batch)")
 
@@ -117,8 +119,11 @@ class Trainer:
         """Everything that can refuse the config runs before the run directory is created or written."""
         self._check_config()
         self.resume_from = resume_target(self.cfg, self.run)
+        self.reshape = None  # another world size / grad_accum than the checkpoint's (pretrain/elastic.py)
         if self.resume_from is not None:
-            check_world_size(*self.resume_from, self.world)
+            self.reshape = elastic.plan(self.cfg, *self.resume_from, self.world)
+            if self.reshape is not None:
+                self.cfg, self.global_batch = elastic.apply(self.cfg, self.reshape), self.reshape.global_batch
         self._seed()
         self._build_data()
         self.model = E.build_model(self.cfg, self.num_classes)
@@ -206,7 +211,8 @@ class Trainer:
         optimizer = build_optimizer(self.model, cfg.optim, self.lr)
         E.no_jit_comm_ops()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=E.deepspeed_config(cfg, self.world))
+            model=self.model, optimizer=optimizer,
+            config=elastic.deepspeed_config(E.deepspeed_config(cfg, self.world), self.reshape))
         self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.total_steps, self.steps_per_epoch)
         self.mixup, self.criterion = E.build_loss(cfg, self.num_classes)
         self.ema = None
@@ -214,6 +220,10 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.engine.module, decay=cfg.train.ema)
+        if cfg.train.compile:
+            # DeepSpeed's own entry: compiles engine.module in place (nn.Module.compile), so the forward of
+            # training and evaluation both run the compiled graph; the EMA copy above stays eager.
+            self.engine.compile()
         self.macs, self.peak = None, peak_flops(self.device)
         if self.peak:
             from models.measure import count_macs
@@ -274,7 +284,8 @@ class Trainer:
         from pretrain.rundir import set_rng_state
 
         ckpt_dir = ckpt.ckpt_dir
-        common, rank_state = ckpt.load(self.engine, tag)
+        common, rank_state = (elastic.load(ckpt, tag, self.engine, self.reshape, self.rank, self.cfg.seed)
+                              if self.reshape is not None else ckpt.load(self.engine, tag))
         self.state.step, self.state.epoch = common["step"], common["epoch"]
         self.state.skipped = common.get("skipped", 0)
         self.train_loader.load_state_dict(rank_state["loader"])

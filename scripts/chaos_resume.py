@@ -39,19 +39,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(run_dir: Path, data: Path, steps: int, log: Path) -> list[subprocess.Popen]:
+def start_ranks(overrides: list[str], log: Path, nproc: int = 2) -> list[subprocess.Popen]:
+    """``nproc`` processes of ``python -m pretrain --config pretrain/configs/demo.yaml OVERRIDES`` wired as one
+    job (torchrun's variables); output appended to ``LOG.rank{r}.log``."""
     port = str(_free_port())
     procs = []
-    for r in range(2):
+    for r in range(nproc):
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "HVP_FAULT"))}
-        env.update(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        args = [sys.executable, "-m", "pretrain", "--config", "pretrain/configs/demo.yaml", f"run.dir={run_dir}",
-                f"data.train={data}#train", f"data.eval={data}#val", f"train.max_steps={steps}", *TRAIN]
+        env.update(RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONWARNINGS="ignore")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        args = [sys.executable, "-m", "pretrain", "--config", "pretrain/configs/demo.yaml", *overrides]
         out = open(log.with_suffix(f".rank{r}.log"), "a")
         procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
     return procs
+
+
+def start(run_dir: Path, data: Path, steps: int, log: Path) -> list[subprocess.Popen]:
+    return start_ranks([f"run.dir={run_dir}", f"data.train={data}#train", f"data.eval={data}#val",
+                        f"train.max_steps={steps}", *TRAIN], log)
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
