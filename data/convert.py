@@ -142,12 +142,7 @@ def _count_lost(f, start: int, end: int) -> Tuple[int, List[str]]:
     boundary) and for damage that leaves the magic; two destroyed headers in a row whose members are not
     images count as one."""
     n, names, after_header = 0, [], False
-    f.seek(start)
-    pos = start
-    while pos < end:
-        chunk = f.read(min(1 << 20, end - pos))
-        if not chunk:
-            break
+    for chunk in _read_range(f, start, end):
         for i in range(0, len(chunk), BLOCK):
             blk = chunk[i:i + BLOCK]
             if blk[257:262] == b"ustar":
@@ -159,20 +154,25 @@ def _count_lost(f, start: int, end: int) -> Tuple[int, List[str]]:
             if not after_header and blk.startswith(_IMAGE_MAGIC):
                 n += 1
             after_header = False
-        pos += len(chunk)
     return max(n, 1), names
 
 
-def _all_zero(f, start: int, end: int) -> bool:
+def _read_range(f, start: int, end: int):
+    """Blocks of up to 1 MiB of ``f`` from ``start`` to ``end`` (or the end of the file)."""
     f.seek(start)
     pos = start
     while pos < end:
         chunk = f.read(min(1 << 20, end - pos))
         if not chunk:
-            break
+            return
+        yield chunk
+        pos += len(chunk)
+
+
+def _all_zero(f, start: int, end: int) -> bool:
+    for chunk in _read_range(f, start, end):
         if chunk.strip(b"\0"):
             return False
-        pos += len(chunk)
     return True
 
 

@@ -11,16 +11,7 @@ from test_data_utils import cfgs, convert, decode_ids, make_id_imagefolder, make
 N_ID = 203  # uneven over 2 ranks: 101 / 102
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _index_cache(tmp_path_factory):
-    """Validated-index cache inside pytest's temp dir (subprocesses inherit the variable)."""
-    old = os.environ.get("HVP_DATA_CACHE")
-    os.environ["HVP_DATA_CACHE"] = str(tmp_path_factory.mktemp("idxcache"))
-    yield
-    if old is None:
-        os.environ.pop("HVP_DATA_CACHE", None)
-    else:
-        os.environ["HVP_DATA_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("isolated_index_cache")
 
 
 @pytest.fixture(scope="module")

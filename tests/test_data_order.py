@@ -19,15 +19,7 @@ SHARDS = 10
 B = 25  # G = 100 for both (W=1, A=4) and (W=4, A=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _index_cache(tmp_path_factory):
-    old = os.environ.get("HVP_DATA_CACHE")
-    os.environ["HVP_DATA_CACHE"] = str(tmp_path_factory.mktemp("idxcache"))
-    yield
-    if old is None:
-        os.environ.pop("HVP_DATA_CACHE", None)
-    else:
-        os.environ["HVP_DATA_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("isolated_index_cache")
 
 
 @pytest.fixture(scope="module")
