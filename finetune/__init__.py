@@ -1,14 +1,10 @@
-"""Finetuning and export: pretrained weights in, adapted / downstream weights out.
+"""Finetuning and export: the recipes in ``finetune/configs/``, ``python -m finetune`` and
+``python -m finetune.export``.
 
-* :mod:`finetune.sources`  -- ``load_state_dict(path, ema=False)``: run dir, DeepSpeed ZeRO checkpoint (any
-  stage, consolidated by DeepSpeed's own tool), fp32 / safetensors file, released checkpoint.
-* :mod:`finetune.surgery`  -- ``adapt_state_dict(sd, model, head=, bias_interp=, ...)`` (resolution surgery by
-  the family's ``checkpoint_filter_fn``, head keep / reinit / map21k) and ``load_init_weights(model, cfg,
-  label_space)``, the engine's hook for ``finetune.init``.
-* ``python -m finetune``   -- the finetune entry (recipes in ``finetune/configs/``), same engine as pretraining.
-* ``python -m finetune.export`` -- timm / mmdet(mmseg) / detectron2 exports, each verified by reloading.
+* ``python -m finetune``        -- the finetune entry: the same :class:`pretrain.trainer.Trainer` as
+  pretraining, starting from ``finetune.init=`` (weights read by :mod:`pretrain.weights`, adapted by
+  :mod:`pretrain.surgery`: resolution surgery through the family's registered filter, head keep /
+  reinit / map21k).
+* ``python -m finetune.export`` -- timm, the papers' own release layouts (``release``) and their
+  detectron2 converters' output (``release-d2``), each verified by reloading.
 """
-from .sources import load_state_dict  # noqa: F401
-from .surgery import adapt_state_dict, load_init_weights  # noqa: F401
-
-__all__ = ["load_state_dict", "adapt_state_dict", "load_init_weights"]

@@ -3,10 +3,20 @@
 Whole model (any timm-registered model; ``import models`` registers the project's families)::
 
     python -m models.bench --model vil_small_rpb_224 [--batch 8 --size 224 --device cpu|cuda --dtype fp32|bf16]
+                           [--compile] [--attn-impl chunk|dense|flex]
 
 prints forward (no_grad, eval) and forward+backward (train, ``logits.sum().backward()``) images/s, time per
 batch (min / median over ``--reps``), peak memory, MACs (``models.measure.count_macs``) and, on CUDA, MFU
-against ``--peak-tflops`` (default: H100 dense bf16 989 / tf32 495).
+against ``--peak-tflops`` (default: H100 dense bf16 989 / tf32 495). ``--compile`` adds the same module
+under ``torch.compile`` (inductor), timed alternately with the eager one in the same process.
+
+Suite (one variant per family, ViL-S and ViL-B included)::
+
+    python -m models.bench --suite [--batch 8 --size 224 --reps 3 --models ... --json out.json]
+
+prints per model eager vs compiled fwd+bwd images/s side by side (alternating rounds), peak memory of
+each, the compiled/eager ratio and, on CUDA, MFU; for ViL also FlexAttention vs the default sliding-chunk
+attention (CUDA: compiled fwd+bwd; CPU: forward only, torch 2.13 has no FlexAttention backward on CPU).
 
 ViL attention micro-benchmark (stage-1 shape of ViL-Small: C=96, 3 heads, chunk 7, 1 global token)::
 
@@ -81,25 +91,47 @@ def _time(fn, reps, device, warmup=1):
 
 # ----------------------------------------------------------------------------------------- whole model
 
-def bench_model(args) -> None:
-    import timm
+# one variant per family (ViL-S and ViL-B both: ViL's cost shifts to full attention as it grows)
+SUITE = ("vil_small_rpb_224", "vil_base_rpb_224", "msg_transformer_tiny_224", "scalable_vit_small_224",
+         "restv2_tiny_224", "ms_mlp_tiny_224")
 
-    import models  # noqa: F401  (registers every family)
-    from models.measure import count_macs, count_params
 
+def _side_by_side(fns: dict, reps: int, device) -> dict:
+    """Time the callables alternately, round by round (so load changes hit all alike), after one warm-up
+    call each (compilation happens there; its time is reported) and one call under :class:`_PeakMem`."""
+    res = {}
+    for name, fn in fns.items():
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        res[name] = {"first_call_s": time.perf_counter() - t}
+        with _PeakMem(device) as pm:
+            fn()
+        res[name]["peak_mib"] = pm.peak / 2**20
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    for name in fns:
+        res[name].update(min_s=min(times[name]), median_s=statistics.median(times[name]))
+    return res
+
+
+def _setup(args):
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    if args.model not in timm.list_models():
-        sys.exit(f"unknown model {args.model!r}; registered: {', '.join(timm.list_models('*'))[:2000]}")
-    kw = {"img_size": args.size} if args.size else {}
-    model = timm.create_model(args.model, **kw).to(device)
-    size = args.size or model.pretrained_cfg["input_size"][-1]
-    params = count_params(model)
-    macs = count_macs(model, size)
-    x = torch.randn(args.batch, 3, size, size, device=device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    return device, dtype
+
+
+def _model_fns(model, x, dtype, train: bool):
+    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def fwd():
         with torch.no_grad(), autocast:
@@ -111,20 +143,146 @@ def bench_model(args) -> None:
         out.float().sum().backward()
         model.zero_grad(set_to_none=True)
 
+    return fwd_bwd if train else fwd
+
+
+def _mfu(macs: int, batch: int, seconds: float, train: bool, dtype, args) -> float:
+    peak = args.peak_tflops or (989.0 if dtype == torch.bfloat16 else 495.0)
+    return 2 * macs * batch * (3 if train else 1) / seconds / (peak * 1e12) * 100
+
+
+def bench_model(args) -> None:
+    """One model: forward and fwd+bwd; with ``--compile`` eager and compiled side by side."""
+    import timm
+
+    import models  # noqa: F401  (registers every family)
+    from models.measure import count_macs, count_params
+
+    device, dtype = _setup(args)
+    if args.model not in timm.list_models():
+        sys.exit(f"unknown model {args.model!r}; registered: {', '.join(timm.list_models('*'))[:2000]}")
+    kw = {"img_size": args.size} if args.size else {}
+    if args.attn_impl:
+        kw["attn_impl"] = args.attn_impl
+    model = timm.create_model(args.model, **kw).to(device)
+    size = args.size or model.pretrained_cfg["input_size"][-1]
+    params = count_params(model)
+    macs = count_macs(model, size)
+    x = torch.randn(args.batch, 3, size, size, device=device)
     print(f"{args.model}: params {params / 1e6:.3f} M, MACs {macs / 1e9:.3f} G per image at {size}, "
-          f"batch {args.batch}, {device.type}, {args.dtype}, threads {torch.get_num_threads()}")
-    for name, fn, train in (("forward", fwd, False), ("fwd+bwd", fwd_bwd, True)):
+          f"batch {args.batch}, {device.type}, {args.dtype}, threads {torch.get_num_threads()}"
+          + (f", attn_impl {args.attn_impl}" if args.attn_impl else ""))
+    variants = {"eager": model}
+    if args.compile:
+        variants["compiled"] = torch.compile(model, backend=args.backend)
+    for label, train in (("forward", False), ("fwd+bwd", True)):
         model.train(train)
-        with _PeakMem(device) as pm:
-            fn()
-        tmin, tmed = _time(fn, args.reps, device)
-        line = (f"  {name:8s} min {tmin:.3f} s  median {tmed:.3f} s  {args.batch / tmin:8.1f} img/s  "
-                f"peak mem {pm.peak / 2**20:.0f} MiB")
+        res = _side_by_side({k: _model_fns(m, x, dtype, train) for k, m in variants.items()}, args.reps, device)
+        for name, r in res.items():
+            line = (f"  {label:8s} {name:9s} min {r['min_s']:.3f} s  median {r['median_s']:.3f} s  "
+                    f"{args.batch / r['min_s']:8.1f} img/s  peak mem {r['peak_mib']:.0f} MiB")
+            if name == "compiled":
+                line += f"  (first call {r['first_call_s']:.1f} s)"
+            if device.type == "cuda":
+                line += f"  MFU {_mfu(macs, args.batch, r['min_s'], train, dtype, args):.1f} %"
+            print(line, flush=True)
+        if args.compile:
+            print(f"  {label:8s} compiled/eager speed {res['eager']['min_s'] / res['compiled']['min_s']:.2f}x",
+                  flush=True)
+
+
+def bench_suite(args) -> list:
+    """Per family (``--models``, default :data:`SUITE`): eager vs compiled fwd+bwd, and for ViL flex vs chunk.
+
+    Every variant of a model shares its weights (the compiled one is the same module; the flex one gets
+    the state dict). FlexAttention has no backward on CPU in torch 2.13, so on CPU the flex/chunk ratio
+    is the forward (no_grad) one; on CUDA it is fwd+bwd of the compiled models.
+    """
+    import json
+
+    import timm
+
+    import models  # noqa: F401
+    from models.measure import count_macs
+
+    device, dtype = _setup(args)
+    rows = []
+    print(f"suite on {_device_name(device)}, {args.dtype}, batch {args.batch}, threads {torch.get_num_threads()}, "
+          f"min of {args.reps} alternating rounds", flush=True)
+    for name in args.models or SUITE:
+        kw = {"img_size": args.size} if args.size else {}
+        model = timm.create_model(name, **kw).to(device)
+        size = args.size or model.pretrained_cfg["input_size"][-1]
+        macs = count_macs(model, size)
+        x = torch.randn(args.batch, 3, size, size, device=device)
+        model.train()
+        res = _side_by_side({"eager": _model_fns(model, x, dtype, True),
+                             "compiled": _model_fns(torch.compile(model, backend=args.backend), x, dtype, True)},
+                            args.reps, device)
+        row = {"model": name, "size": size, "batch": args.batch, "device": _device_name(device), "dtype": args.dtype,
+               "macs_per_image": macs, "threads": torch.get_num_threads()}
+        for k, r in res.items():
+            row[f"{k}_img_s"] = args.batch / r["min_s"]
+            row[f"{k}_peak_mib"] = r["peak_mib"]
+            row[f"{k}_first_call_s"] = r["first_call_s"]
+            if device.type == "cuda":
+                row[f"{k}_mfu_pct"] = _mfu(macs, args.batch, r["min_s"], True, dtype, args)
+        row["compiled_over_eager"] = res["eager"]["min_s"] / res["compiled"]["min_s"]
+        line = (f"  {name:26s} fwd+bwd eager {row['eager_img_s']:7.1f} img/s ({row['eager_peak_mib']:.0f} MiB)  "
+                f"compiled {row['compiled_img_s']:7.1f} img/s ({row['compiled_peak_mib']:.0f} MiB)  "
+                f"compiled/eager {row['compiled_over_eager']:.2f}x")
         if device.type == "cuda":
-            flops = 2 * macs * args.batch * (3 if train else 1)
-            peak = args.peak_tflops or (989.0 if dtype == torch.bfloat16 else 495.0)
-            line += f"  MFU {flops / tmin / (peak * 1e12) * 100:.1f} % (of {peak:.0f} TFLOP/s)"
+            line += f"  MFU eager {row['eager_mfu_pct']:.1f} % compiled {row['compiled_mfu_pct']:.1f} %"
         print(line, flush=True)
+        if name.startswith("vil_") and not args.no_flex:
+            flex = timm.create_model(name, attn_impl="flex", **kw).to(device)
+            flex.load_state_dict(model.state_dict())
+            if device.type == "cuda":
+                flex.train()
+                fr = _side_by_side({"chunk": _model_fns(torch.compile(model, backend=args.backend), x, dtype, True),
+                                    "flex": _model_fns(torch.compile(flex, backend=args.backend), x, dtype, True)},
+                                   args.reps, device)
+                what = "compiled fwd+bwd"
+            else:
+                model.eval()
+                flex.eval()
+                fr = _side_by_side({"chunk": _model_fns(model, x, dtype, False),
+                                    "flex": _model_fns(flex, x, dtype, False)}, args.reps, device)
+                what = "forward (no FlexAttention backward on CPU)"
+            row["flex_measure"] = what
+            for k, r in fr.items():
+                row[f"{k}_{'fwd_bwd' if device.type == 'cuda' else 'fwd'}_img_s"] = args.batch / r["min_s"]
+                row[f"{k}_{'fwd_bwd' if device.type == 'cuda' else 'fwd'}_peak_mib"] = r["peak_mib"]
+            row["flex_over_chunk"] = fr["chunk"]["min_s"] / fr["flex"]["min_s"]
+            print(f"  {name:26s} {what}: chunk {args.batch / fr['chunk']['min_s']:7.1f} img/s "
+                  f"({fr['chunk']['peak_mib']:.0f} MiB)  flex {args.batch / fr['flex']['min_s']:7.1f} img/s "
+                  f"({fr['flex']['peak_mib']:.0f} MiB)  flex/chunk {row['flex_over_chunk']:.2f}x", flush=True)
+            del flex
+        rows.append(row)
+        del model
+        torch._dynamo.reset()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {args.json}")
+    return rows
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        name = next(ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name"))
+        flags = next(ln for ln in info.splitlines() if ln.startswith("flags")).split()
+        isa = [f for f in ("avx512f", "avx512_bf16", "amx_tile") if f in flags] or ["avx2" if "avx2" in flags else "no avx2"]
+        name += f" ({', '.join(isa)})"
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {name}"
 
 
 # ----------------------------------------------------------------------------------------- ViL attention
@@ -207,7 +365,7 @@ def bench_vil_attention(args) -> None:
                   + (f", vs dense: {res['dense'] / res['chunk']:.2f}x" if "dense" in res else ""), flush=True)
 
 
-def main(argv=None) -> None:
+def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m models.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="timm model name (any registered model)")
     ap.add_argument("--batch", type=int, default=8)
@@ -217,6 +375,13 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    ap.add_argument("--compile", action="store_true", help="also run the model under torch.compile, side by side")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: no code generation)")
+    ap.add_argument("--attn-impl", default=None, help="ViL attention implementation (chunk|dense|flex)")
+    ap.add_argument("--suite", action="store_true", help="one variant per family: eager vs compiled (and ViL flex)")
+    ap.add_argument("--models", nargs="+", default=None, help="models of --suite (default: %s)" % " ".join(SUITE))
+    ap.add_argument("--no-flex", action="store_true", help="--suite without the ViL flex/chunk comparison")
+    ap.add_argument("--json", default=None, help="--suite: also write the rows to this JSON file")
     ap.add_argument("--vil-attention", action="store_true", help="ViL attention micro-benchmark")
     ap.add_argument("--tokens", type=int, nargs="+", default=[56, 112, 224], help="feature map side(s)")
     ap.add_argument("--release-max-side", type=int, default=112, help="skip the release-style run above this side")
@@ -224,10 +389,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.vil_attention:
         bench_vil_attention(args)
+    elif args.suite:
+        return bench_suite(args)
     elif args.model:
         bench_model(args)
     else:
-        ap.error("give --model NAME or --vil-attention")
+        ap.error("give --model NAME, --suite or --vil-attention")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 "Mixing and Shifting: Exploiting Global and Local Dependencies in Vision MLPs", Huangjie Zheng, Pengcheng He,
 Weizhu Chen and Mingyuan Zhou (arXiv 2202.06510).
 
-The released code (what its checkpoints need; see shared/specs/restv2_and_ms_mlp.md, Part B) differs from
+The released code (what its checkpoints need; side by side with the paper in docs/models.md) differs from
 the paper's text, and this module follows the code:
 
 * Block: ONE residual, ``x + DropPath(gamma * MLP(LN(mix_shift(x))))`` with layer scale gamma (init 1e-6),
@@ -47,7 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_
-from .family import register_family
+from .family import ReleaseLayout, register_family, register_release_layout
 from .layers.checkpoint import unwrap_state_dict
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -393,6 +393,26 @@ def checkpoint_filter_fn(state_dict: dict, model: MSMLP) -> dict:
                              f"expects {tuple(target[nk].shape)} for {nk!r}")
         out[nk] = v
     return out
+
+
+def _release_key(k: str) -> str:
+    """Inverse of :func:`_remap_key`: this module's key -> the release's."""
+    k = re.sub(r"^stem\.", "patch_embed.", k)
+    k = re.sub(r"^stages\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", k)
+    return re.sub(r"^stages\.(\d+)\.blocks\.", r"layers.\1.blocks.", k)
+
+
+def release_state_dict(state_dict: dict, model: MSMLP, include_head: bool = True) -> dict:
+    """Our MS-MLP weights -> the release's ``MS_MLP.state_dict()``, the inverse of :func:`checkpoint_filter_fn`.
+    The order is already the release's: its stage-``i`` PatchMerging (``layers.i.downsample``, at the end of
+    stage ``i``) is our ``stages.{i+1}.downsample``, at the start of the next stage."""
+    return {_release_key(k): v for k, v in state_dict.items() if include_head or not k.startswith("head.")}
+
+
+register_release_layout(MSMLP, ReleaseLayout(
+    container="model", state_dict_fn=release_state_dict,
+    source="JegZheng/MS-MLP utils.py save_checkpoint ({'model': model_without_ddp.state_dict(), ...})",
+))
 
 
 # ------------------------------------------------------------------------------------------------ builders

@@ -55,7 +55,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-from .family import register_family
+from .family import ReleaseLayout, register_family, register_release_layout
 from .layers.checkpoint import unwrap_state_dict
 from .layers.rel_pos import relative_position_index, resize_rel_pos_table_2d
 
@@ -315,7 +315,7 @@ class MSGTransformer(nn.Module):
     def group_matcher(self, coarse: bool = False):
         return dict(
             stem=r"^patch_embed|^msg_tokens",
-            blocks=[(r"^layers\.(\d+)$", None)] if coarse else [
+            blocks=[(r"^layers\.(\d+)", None)] if coarse else [
                 (r"^layers\.(\d+)\.blocks\.(\d+)", None),
                 (r"^layers\.(\d+)\.downsample", (99998,)),
                 (r"^norm", (99999,)),
@@ -468,6 +468,28 @@ def checkpoint_filter_fn(state_dict: dict, model: MSGTransformer, interpolation:
             v = resize_rel_pos_table_2d(v, (new_side, new_side), mode=interpolation)
         out[k] = v
     return out
+
+
+def release_state_dict(state_dict: dict, model: MSGTransformer, include_head: bool = True) -> dict:
+    """Our MSG-Transformer weights -> the release's ``MSGTransformer.state_dict()``, the inverse of
+    :func:`checkpoint_filter_fn`: the names are the release's already; each attention block's
+    ``relative_position_index`` buffer (the model's own, the index the release builds) is put back after
+    its parameters, where the release's ``state_dict()`` has it."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("head.") and not include_head:
+            continue
+        out[k] = v
+        if k.endswith(".attn.rel_pos_msg"):
+            attn = model.get_submodule(k[:-len(".rel_pos_msg")])
+            out[k[:-len("rel_pos_msg")] + "relative_position_index"] = attn.relative_position_index
+    return out
+
+
+register_release_layout(MSGTransformer, ReleaseLayout(
+    container="model", state_dict_fn=release_state_dict,
+    source="hustvl/MSG-Transformer utils.py save_checkpoint ({'model': model_without_ddp.state_dict(), ...})",
+))
 
 
 register_family("msg_transformer", MSGTransformer, checkpoint_filter_fn,

@@ -2,7 +2,7 @@
 
 "ResT V2: Simpler, Faster and Stronger", Qing-Long Zhang and Yu-Bin Yang, NeurIPS 2022 (arXiv 2204.07366).
 
-Architecture (released code; see shared/specs/restv2_and_ms_mlp.md, Part A):
+Architecture (released code; where it goes beyond the paper: docs/models.md):
 
 * Conv stem, total stride 4: conv3x3 s2 (no bias) → BN → ReLU → conv3x3 s2 (no bias) → BN → ReLU →
   conv1x1 → PA → LayerNorm(eps 1e-6). PA (pixel attention) is ``x * sigmoid(dwconv3x3(x))``.
@@ -44,7 +44,7 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, to_2tuple, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .family import register_family
+from .family import ReleaseLayout, register_family, register_release_layout
 from .layers.checkpoint import unwrap_state_dict
 
 
@@ -402,6 +402,56 @@ def checkpoint_filter_fn(state_dict: dict, model: ResTV2) -> dict:
         if nk not in out and (nk.endswith("num_batches_tracked") or nk.startswith("out_norms.")):
             out[nk] = v.clone()
     return out
+
+
+def _release_key(k: str) -> str:
+    """Inverse of :func:`_remap_key` for a classification model: this module's key -> the release's."""
+    k = re.sub(r"^stages\.0\.downsample\.", "stem.", k)
+    k = re.sub(r"^stages\.(\d+)\.downsample\.", lambda m: f"patch_{int(m.group(1)) + 1}.", k)
+    k = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", lambda m: f"stage{int(m.group(1)) + 1}.{m.group(2)}.", k)
+    return re.sub(r"\.attn\.up\.", ".attn.up.0.", k)
+
+
+def _release_rank(k: str) -> int:
+    """The release registers stem, patch_2..4, stage1..4, norm, head in that order."""
+    m = re.match(r"^(stem|patch_(\d)|stage(\d)|norm|head)\.", k)
+    if m.group(1) == "stem":
+        return 0
+    if m.group(2):
+        return int(m.group(2)) - 1
+    if m.group(3):
+        return 3 + int(m.group(3))
+    return 8 if m.group(1) == "norm" else 9
+
+
+def release_state_dict(state_dict: dict, model: ResTV2, include_head: bool = True) -> dict:
+    """Our ResTv2 weights -> the release's classification ``ResTV2.state_dict()`` (names and order), the
+    inverse of :func:`checkpoint_filter_fn`. The detection output norms of a ``features_only`` model are
+    not part of the classification release and are left out."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("out_norms.") or (k.startswith("head.") and not include_head):
+            continue
+        out[_release_key(k)] = v
+    return dict(sorted(out.items(), key=lambda kv: _release_rank(kv[0])))   # stable: keeps order within groups
+
+
+D2_PREFIX = "backbone.bottom_up."
+
+
+def release_d2_checkpoint(release_sd: dict, model: ResTV2) -> dict:
+    """What the release's ``object_detection/convert_to_d2.py`` writes for the classification weights
+    ``release_sd``: every key under ``backbone.bottom_up.``, a flat dict (no container)."""
+    return {D2_PREFIX + k: v for k, v in release_sd.items()}
+
+
+register_release_layout(ResTV2, ReleaseLayout(
+    container="model", state_dict_fn=release_state_dict,
+    source="wofmanaf/ResT utils.py save_model ({'model': model_without_ddp.state_dict(), ...})",
+    d2_fn=release_d2_checkpoint,
+    d2_source="wofmanaf/ResT object_detection/convert_to_d2.py main() (reads checkpoint['model'], saves "
+              "{'backbone.bottom_up.' + k: v})",
+))
 
 
 # ------------------------------------------------------------------------------------------------ builders

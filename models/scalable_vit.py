@@ -21,7 +21,7 @@ Architecture (released code):
 Variants (Table 1 / released factories): S dims 64.. depths (2,2,20,2) r_c (1.25,1.25,1.25,1);
 B dims 96.. depths (2,2,14,6) r_c (2,1.25,1.25,1); L dims 128.. depths (2,6,12,4) r_c (0.25,0.5,1,1).
 Parameter counts (= release): S 32,000,472, B 81,881,624, L 109,288,840. **The paper (Table 2) says
-104M and the README 104.9M for L; the released code's L has 109.29M (4.4M more) and we follow the
+104M and the release's README 104.9M for L; the released code's L has 109.29M (4.4M more) and we follow the
 code.** MACs at 224 (``models.measure.count_macs``, attention matmuls included): S 4.27 G, B 8.80 G,
 L 14.99 G (the paper's 4.2 / 8.6 / 14.7 G exclude the attention matmuls).
 
@@ -48,7 +48,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-from .family import register_family
+from .family import ReleaseLayout, register_family, register_release_layout
 from .layers.checkpoint import unwrap_state_dict
 from .layers.peg import PosConv
 
@@ -400,6 +400,21 @@ def checkpoint_filter_fn(state_dict: dict, model: ScalableViT) -> dict:
     is needed (a 224 checkpoint loads into a ``*_384`` model unchanged).
     """
     return dict(unwrap_state_dict(state_dict))
+
+
+def release_state_dict(state_dict: dict, model: ScalableViT, include_head: bool = True) -> dict:
+    """Our ScalableViT weights -> the release's ``ScalableViT.state_dict()``, the inverse of
+    :func:`checkpoint_filter_fn`: names, order and shapes are the release's already. Without the head
+    the classifier ``head.3`` is left out; the pre-logits ``head.0`` / ``head.1`` (Linear, LayerNorm) stay,
+    as in this model with ``num_classes=0``."""
+    return {k: v for k, v in state_dict.items() if include_head or not k.startswith("head.3.")}
+
+
+register_release_layout(ScalableViT, ReleaseLayout(
+    container="model", state_dict_fn=release_state_dict,
+    source="Yangr116/ScalableViT image_classification/main.py main() (utils.save_on_master({'model': "
+           "model_without_ddp.state_dict(), ...}))",
+))
 
 
 register_family("scalable_vit", ScalableViT, checkpoint_filter_fn)

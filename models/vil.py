@@ -8,7 +8,8 @@ tokens; :mod:`models.layers.longformer2d`), stages 3-4 full attention. Global to
 between stages; the head mean-pools the final LayerNorm's tokens.
 
 Semantics, parameter names (after ``checkpoint_filter_fn``) and numerics follow the release
-(microsoft/vision-longformer ``msvit.py``, ``sharew=True``, ``sw_exact=0``); see shared/specs/vil.md.
+(microsoft/vision-longformer ``msvit.py``, ``sharew=True``, ``sw_exact=0``); where that differs from the
+paper, and what we chose where neither says: docs/models.md.
 Medium/base are the release's "deep" variants (the paper's Table 1).
 
 Input sizes: the local stages run at any size (chunks are zero-padded). Full-attention relative bias
@@ -36,11 +37,11 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
-from .family import register_family
+from .family import ReleaseLayout, register_family, register_release_layout
 from .layers.checkpoint import unwrap_state_dict
 from .layers.longformer2d import (
-    dense_longformer2d_attention, local_relative_position_index, sliding_chunk_attention,
-    valid_local_pairs,
+    dense_longformer2d_attention, flex_longformer2d_attention, local_relative_position_index,
+    sliding_chunk_attention, valid_local_pairs,
 )
 from .layers.rel_pos import relative_position_index, resize_rel_pos_table_2d
 
@@ -129,11 +130,14 @@ class LongformerAttention(nn.Module):
     """ViL local attention (release ``Long2DSCSelfAttention``, ``sharew=True``, ``exact=0``).
 
     ``impl='chunk'`` (default) is the sliding-chunk implementation with memory linear in tokens;
-    ``impl='dense'`` the masked dense reference. ``mode`` 0 = full neighbourhood; 1..8 = random shift
-    in training (own chunk + one random neighbour per forward, full neighbourhood in eval); -1 = own chunk.
+    ``impl='dense'`` the masked dense reference; ``impl='flex'`` FlexAttention (fused on CUDA, CPU
+    inference only: see :mod:`models.layers.longformer2d`). ``mode`` 0 = full neighbourhood; 1..8 =
+    random shift in training (own chunk + one random neighbour per forward, full neighbourhood in eval);
+    -1 = own chunk.
     """
 
-    count_release_global_kv = True   # MAC convention of the spec (see macs_adjustment)
+    count_release_global_kv = True   # MAC convention of our reported figures (see macs_adjustment)
+    IMPLS = ("chunk", "dense", "flex")
 
     def __init__(self, dim: int, num_heads: int, window: int, num_global: int = 1, rpb: bool = True,
                  qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0., mode: int = 0,
@@ -163,6 +167,17 @@ class LongformerAttention(nn.Module):
                                  persistent=False)
         self._last_grid = None
 
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl: str) -> None:
+        if impl not in self.IMPLS:
+            raise ValueError(f"unknown ViL attn_impl {impl!r}: choose 'chunk' (default, sliding chunks), "
+                             f"'dense' (masked reference, quadratic memory) or 'flex' (FlexAttention)")
+        self._impl = impl
+
     def _mode(self) -> int:
         if self.mode > 0:
             return int(torch.randint(1, 9, ()).item()) if self.training else 0
@@ -183,6 +198,11 @@ class LongformerAttention(nn.Module):
                                                table, g2l, g2g, mode=mode)
             if self.training and self.attn_drop:
                 raise NotImplementedError("attention dropout is not implemented in the dense reference")
+        elif self.impl == "flex":
+            if self.training and self.attn_drop:
+                raise NotImplementedError("attention dropout is not implemented with attn_impl='flex'")
+            out = flex_longformer2d_attention(q, k, v, nx, ny, self.window, g, self.scale,
+                                              table, g2l, g2g, mode=mode)
         else:
             rel = None
             if table is not None:
@@ -214,7 +234,7 @@ class LongformerAttention(nn.Module):
         adj = valid - counted
         if self.count_release_global_kv and g:
             # the release projects k/v of all tokens a second time for its global queries (kv_global, tied to
-            # kv); the spec's MAC figures include it, this implementation computes it once.
+            # kv); our reported MACs (ViL-Small 5.191 G at 224) include it, this implementation computes it once.
             adj += b * (g + nx * ny) * 2 * hm * hm
         return adj
 
@@ -334,7 +354,8 @@ class ViL(nn.Module):
         windows: chunk size ``w`` per stage, ``None`` (or 0) for full attention.
         ape: absolute position embedding instead of relative position bias.
         vil_mode: release attention mode (0 full; 1..8 random-shift training; -1 own chunk only).
-        attn_impl: ``'chunk'`` (efficient, default) or ``'dense'`` (masked reference).
+        attn_impl: ``'chunk'`` (efficient, default), ``'dense'`` (masked reference) or ``'flex'``
+            (FlexAttention; trains on CUDA only); anything else is refused.
         global_pool: ``'avg'`` (mean over all final tokens, the release with g=0 in stage 4) or ``'token'``.
     """
 
@@ -428,7 +449,6 @@ class ViL(nn.Module):
                 m.mode = mode
 
     def set_attn_impl(self, impl: str) -> None:
-        assert impl in ("chunk", "dense")
         for m in self.modules():
             if isinstance(m, LongformerAttention):
                 m.impl = impl
@@ -564,6 +584,150 @@ def checkpoint_filter_fn(state_dict: dict, model: ViL, interpolation: str = "bil
                                  f"{tuple(t.shape)} for {nk}, and no resize rule applies")
         out[nk] = v
     return out
+
+
+def _ours_to_official(key: str) -> str:
+    """Inverse of :func:`_official_to_ours`: our key -> the release's ``layerS.I.…`` key."""
+    m = re.match(r"^stages\.(\d+)\.patch_embed\.(.*)$", key)
+    if m:
+        rest = re.sub(r"^norm\.", "norm_embed.", m.group(2))
+        return f"layer{int(m.group(1)) + 1}.0.{rest}"
+    m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.*)$", key)
+    if not m:
+        return key
+    s, b, rest = int(m.group(1)) + 1, int(m.group(2)), m.group(3)
+    if rest.startswith(("norm2.", "mlp.")):
+        return f"layer{s}.{2 * b + 2}." + re.sub(r"^norm2\.", "norm.", rest)
+    return f"layer{s}.{2 * b + 1}." + re.sub(r"^norm1\.", "norm.", rest)
+
+
+def release_state_dict(state_dict: dict, model: ViL, include_head: bool = True) -> dict:
+    """Our ViL weights -> the release's ``MsViT.state_dict()``: the inverse of :func:`checkpoint_filter_fn`.
+
+    ``state_dict`` is ``model.state_dict()`` (any size/windows, e.g. a model finetuned at 384 with its
+    resized tables). Keys come in the release's order (a module's parameters, then its buffers, then its
+    children), with what the release saves beyond our weights: each RPB block's
+    ``relative_position_index`` (the model's own buffer, the index the release builds), the local stages'
+    tied ``{query,kv,proj}_global.*`` copies (``sharew=True``: the same tensors) and, in APE stages without
+    global tokens, the release's empty ``cls_pos_embed`` ``[1, 0, C]``.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("head.") and not include_head:
+            continue
+        ok = _ours_to_official(k)
+        if k.endswith(".patch_embed.x_pos_embed"):
+            embed = model.get_submodule(k.rsplit(".", 1)[0])
+            if not embed.num_global:
+                out[ok.replace(".x_pos_embed", ".cls_pos_embed")] = v.new_zeros(1, 0, embed.proj.out_channels)
+        out[ok] = v
+        m = re.match(r"^(stages\.\d+\.blocks\.\d+\.attn)\.(.+)$", k)
+        if not m:
+            continue
+        attn, name = model.get_submodule(m.group(1)), m.group(2)
+        last_own = "g2g_relative_position_bias" if attn.num_global else "local_relative_position_bias_table"
+        if attn.rpb and name == last_own:
+            out[ok.rsplit(".", 1)[0] + ".relative_position_index"] = attn.relative_position_index
+        if isinstance(attn, LongformerAttention) and name == "proj.bias":
+            base = ok[:-len("proj.bias")]
+            for layer in ("query", "kv", "proj"):
+                for p in ("weight", "bias"):
+                    out[f"{base}{layer}_global.{p}"] = out[f"{base}{layer}.{p}"]
+    return out
+
+
+D2_PREFIX = "backbone.bottom_up."
+
+
+def _parse_release_arch(arch: str) -> List[dict]:
+    """The release's ``MODEL...MSVIT.ARCH`` string (``l1,h3,d96,n1,s1,g1,p4,f7,a0_l2,...``) with its defaults."""
+    stages = []
+    for stage in arch.split("_"):
+        cfg = dict(l=1, h=3, d=192, n=1, s=1, g=1, p=2, f=7, a=1)
+        cfg.update((a[0], int(a[1:])) for a in stage.split(","))
+        stages.append(cfg)
+    return stages
+
+
+def detection_arch(model: ViL, window: int = 7) -> str:
+    """The detection ARCH of the release's ``*_sparse`` detectron2 configs for ``model``: Vision Longformer
+    attention (``s1``) with window ``f7`` in every stage, the model's widths, depths, heads and global tokens."""
+    parts = []
+    for i, st in enumerate(model.stages):
+        e = st.patch_embed
+        parts.append(f"l{i + 1},h{st.blocks[0].attn.num_heads},d{e.proj.out_channels},n{len(st.blocks)},s1,"
+                     f"g{st.num_global},p{e.patch_size},f{window},a{int(e.ape)}")
+    return "_".join(parts)
+
+
+def detection_backbone(model: ViL, arch: Optional[str] = None, img_size: int = 1333) -> ViL:
+    """The detection repo's ``MsViT`` backbone for ``arch`` (default :func:`detection_arch`) at
+    ``INPUT.MAX_SIZE_TRAIN = img_size``, as our ViL on the meta device: the same parameter layout, and
+    the default 1000-class head the detection backbone keeps."""
+    arch = arch or detection_arch(model)
+    stages = _parse_release_arch(arch)
+    if len({s["a"] for s in stages}) != 1:
+        raise ValueError(f"detection arch {arch!r} mixes APE and RPB stages, which ViL here does not build")
+    stride = 1
+    for s in stages:
+        stride *= s["p"]
+    size = (img_size + stride - 1) // stride * stride
+    with torch.device("meta"):
+        return ViL(img_size=size, num_classes=1000, embed_dims=[s["d"] for s in stages],
+                   depths=[s["n"] for s in stages], num_heads=[s["h"] for s in stages],
+                   patch_sizes=[s["p"] for s in stages], num_global=[s["g"] for s in stages],
+                   windows=[s["f"] if s["s"] else None for s in stages], ape=bool(stages[0]["a"]))
+
+
+def release_d2_checkpoint(release_sd: dict, model: ViL, arch: Optional[str] = None, img_size: int = 1333) -> dict:
+    """What the release's detectron2 converter writes for the classification weights ``release_sd``.
+
+    The converter (microsoft/VisionLongformerForObjectDetection ``converter.py``) reads ``checkpoint["net"]``
+    and keeps, for the detection backbone it builds from the config (``MODEL.TRANSFORMER.MSVIT.ARCH`` =
+    ``arch``, default :func:`detection_arch`; ``INPUT.MAX_SIZE_TRAIN`` = ``img_size``), every key that
+    backbone has under ``backbone.bottom_up.``: global tokens expanded to its count, ``attn.proj`` also
+    written as ``attn.proj_global``, APE tables and local bias tables resized bilinearly to its shapes,
+    full-attention ``attn.qkv`` split into ``query``/``query_global`` (first third) and ``kv``/``kv_global``,
+    ``relative_position_index`` skipped. The result is ``{"model": {...}}`` (what it ``torch.save``s).
+    """
+    det = detection_backbone(model, arch, img_size)
+    target = release_state_dict(det.state_dict(), det)
+    out = {}
+    for k, v in release_sd.items():
+        if k in target:
+            t = target[k]
+            if "relative_position_index" in k:
+                continue
+            if "cls_token" in k:
+                v = v.expand(-1, t.shape[1], -1)
+            elif "attn.proj" in k:
+                out[k] = v
+                tied = k.replace("attn.proj", "attn.proj_global")
+                if tied in target:
+                    out[tied] = v
+                continue
+            elif ("x_pos_embed" in k or "y_pos_embed" in k) and v.shape != t.shape:
+                v = resize_pos_embed_1d(v, t.shape[1])
+            elif "local_relative_position_bias_table" in k and v.shape != t.shape:
+                side = int(t.shape[0] ** 0.5 + 0.5)
+                v = resize_rel_pos_table_2d(v, (side, side), mode="bilinear")
+            out[k] = v
+        elif "attn.qkv" in k:
+            dim = v.shape[0] // 3
+            for layer, part in (("query", v[:dim]), ("query_global", v[:dim]), ("kv", v[dim:]), ("kv_global", v[dim:])):
+                nk = k.replace("attn.qkv", f"attn.{layer}")
+                if nk in target:
+                    out[nk] = part
+    return {"model": {D2_PREFIX + k: v for k, v in out.items()}}
+
+
+register_release_layout(ViL, ReleaseLayout(
+    container="net", container_extra=(("arch", "msvit"),), state_dict_fn=release_state_dict,
+    source="microsoft/vision-longformer src/utils/checkpoint.py Checkpointer.save ({'net': state_dict, "
+           "'arch': cfg.MODEL.ARCH}; Checkpointer._load_model requires arch == 'msvit')",
+    d2_fn=release_d2_checkpoint, d2_target_fn=detection_backbone,
+    d2_source="microsoft/VisionLongformerForObjectDetection converter.py main() ({'model': {'backbone.bottom_up.' + k}})",
+))
 
 
 register_family("vil", ViL, checkpoint_filter_fn, interp_arg="interpolation", default_interp="bilinear")

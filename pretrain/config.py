@@ -373,6 +373,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config keys 'checkpoint.every_steps'/'every_minutes' must be >= 0 (0 disables)")
     if cfg.finetune.head == "map21k" and not cfg.finetune.init:
         raise ConfigError("config key 'finetune.head'=map21k needs 'finetune.init' (a 21K checkpoint)")
+    if cfg.train.compile and cfg.model.kwargs.get("vil_mode"):
+        raise ConfigError("config key 'train.compile'=true with model.kwargs.vil_mode>0 (random-shift attention "
+                          "draws its shift per step inside the graph, which torch.compile cannot trace); use one")
     if not cfg.run.dir:
         raise ConfigError("config key 'run.dir' must not be empty")
 

@@ -37,7 +37,7 @@ from pretrain import safeload
 from pretrain.rundir import (EMA_FILE, MODEL_STATES, CheckpointError, RunDir, check_not_partial, find_tag_dir,
                              is_tag_dir)
 
-WRAPPER_KEYS = ("model", "module", "state_dict")  # without model_ema: EMA weights only on request
+WRAPPER_KEYS = ("model", "module", "state_dict", "net")  # "net": the ViL release; model_ema only on request
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".tar", ".ckpt")
 
 

@@ -1,6 +1,21 @@
-"""The golden-v1 procedure of shared/golden/README.md: rebuild a released-format state dict and input.
+"""Golden tests: rebuild a released-format state dict and input that the released code was run on.
 
-Copied here (with the listings, meta.json and logits.pt in tests/fixtures/) so the tests stand alone.
+Each ``fixtures/golden/<name>/`` holds what the *released* implementation computed (float64, eval mode,
+drop-path 0, loaded strictly) for a pseudo-random state dict in the released checkpoint format:
+``logits.pt`` (``[2, classes]``), ``features.pt`` (stage outputs of batch element 0, channels ``::C//16``,
+and ``head_input``) and ``meta.json`` (listing, seed, input, the release's constructor call, a checksum).
+No weights are shipped; the procedure ("golden-v1") regenerates them from the key listing
+``fixtures/official_state_dicts/<listing>.tsv`` (the release's ``state_dict()`` in its order):
+
+* one ``torch.Generator().manual_seed(seed)``; rows in file order; integer rows (index buffers,
+  ``num_batches_tracked``) and ``alias_of`` rows (tied tensors) draw nothing;
+* every other row draws once, ``u = torch.rand(shape, float64)``: ``.running_var`` -> ``0.5 + u``; a 1-D
+  ``.weight`` (the Layer/BatchNorm scales) -> ``1 + 0.1 (2u - 1)``; anything else -> ``0.1 (2u - 1)``;
+* alias rows get their target's tensor; the input is ``rand((batch, 3, size, size), seed + 1) * 2 - 1``
+  (seed 0, batch 2 in every fixture).
+
+A model that loads that dict through its ``checkpoint_filter_fn`` and reproduces ``logits.pt`` computes
+the release's function, and its conversion consumes every tensor in the right role.
 Also the released-checkpoint checks every family's tests share (meta-device models, strict loading).
 """
 from __future__ import annotations
@@ -101,9 +116,8 @@ def load_logits(fixture: Path) -> torch.Tensor:
 
 
 def assert_reproduces_release(model_name: str, fixture: Path, **create_kwargs) -> None:
-    """The golden check (README "How to use the fixtures"): our model, float64 *before* loading, loads the
-    generated released-format dict strictly through its family's checkpoint_filter_fn and reproduces the
-    release's logits at 1e-8."""
+    """The golden check: our model, float64 *before* loading, loads the generated released-format dict
+    strictly through its family's checkpoint_filter_fn and reproduces the release's logits at 1e-8."""
     import sys
 
     import timm

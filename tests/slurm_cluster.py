@@ -3,8 +3,15 @@
 Debian 12's Slurm 22.05 + munge, no systemd: the daemons are started by hand, as root, from a private
 directory (munge key, slurm.conf, state, spool, logs, pid files) and stopped by their pid files.
 Two "nodes" (``node1``, ``node2``) run on this host: ``NodeName=node[1-2] Port=[p1-p2]
-NodeHostname=<hostname> NodeAddr=127.0.0.1``. See shared/notes/slurm-local-cluster.md for why each
-setting is there (every one of them was an error before).
+NodeHostname=<hostname> NodeAddr=127.0.0.1``. Why the settings (each one was an error without it):
+munged gets explicit key/socket/pid/log/seed files and a 0711 socket directory; slurm.conf has no empty
+``Key=`` line (fatal), ``MailProg=/bin/true``, ``MpiDefault=none``, ``SlurmUser=SlurmdUser=root``; the
+node topology is ``slurmd -C``'s and ``SlurmdParameters=config_overrides`` makes slurmd accept fake nodes;
+``select/cons_tres`` with ``CR_Core_Memory`` needs ``DefMemPerCPU`` (else each job takes a node's whole
+memory and jobs run one at a time); ``proctrack/linuxproc`` and ``task/none`` need no cgroups; each node's
+``SlurmdSpoolDir`` (``%n``) exists before slurmd starts; ``cred_expire`` and
+``SchedulerParameters=sched_interval=2,bf_interval=1`` let a requeued job run again after ~11 s instead
+of ~120 s in ``PENDING (BeginTime)``.
 
 Use from pytest (session-scoped; installs the Debian packages when missing)::
 

@@ -1,4 +1,7 @@
-"""MSG-Transformer: release equivalence (golden), checkpoint loading, sizes, counts, timm API."""
+"""MSG-Transformer: release equivalence (golden), checkpoint loading, counts, MSG tokens and shuffle regions.
+
+What every family shares (forward/backward of every variant, other input sizes, features_only, grad
+checkpointing, classifier, parameter groups, the fused_attn switch) is in tests/test_models_common.py."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +16,6 @@ from models.layers.rel_pos import relative_position_index, resize_rel_pos_table_
 from models.measure import count_macs, count_params
 
 VARIANTS = ("tiny", "small", "base")
-NAMES = [f"msg_transformer_{v}_{s}" for v in VARIANTS for s in (224, 384)]
 PARAMS = {"tiny": 25_086_116, "small": 55_968_514, "base": 84_392_770}
 MACS = {"tiny": 3.82e9, "small": 8.46e9, "base": 14.24e9}
 
@@ -109,30 +111,7 @@ def test_params_and_macs(variant):
     assert count_params(model384) == PARAMS[variant] + tables * (23 * 23 - 13 * 13)
 
 
-# ---- build, forward, backward ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", NAMES)
-def test_forward_backward_default_size(name):
-    model = timm.create_model(name)
-    size = model.pretrained_cfg["input_size"][-1]
-    assert size == int(name[-3:])
-    model.train()
-    out = model(torch.randn(1, 3, size, size))
-    assert out.shape == (1, 1000)
-    out.sum().backward()
-    assert model.patch_embed.proj.weight.grad is not None
-    assert model.msg_tokens.grad is not None
-
-
-@pytest.mark.parametrize("name,size", [("msg_transformer_tiny_224", 256), ("msg_transformer_tiny_384", 160)])
-def test_other_size_pads(name, size):
-    model = timm.create_model(name).eval()
-    x = torch.randn(2, 3, size, size, requires_grad=True)
-    out = model(x)
-    assert out.shape == (2, 1000) and torch.isfinite(out).all()
-    out.sum().backward()
-    assert x.grad is not None
-
+# ---- MSG tokens ------------------------------------------------------------------------
 
 def test_head_averages_surviving_msg_tokens():
     torch.manual_seed(0)
@@ -144,12 +123,6 @@ def test_head_averages_surviving_msg_tokens():
         torch.testing.assert_close(model(x), model.head(feats.mean(dim=(1, 2))))
         feats = model.forward_features(torch.randn(1, 3, 224, 224))
         assert feats.shape == (1, 1, 1, 512)
-
-
-def test_bad_input_size_is_a_clear_error():
-    model = timm.create_model("msg_transformer_tiny_224").eval()
-    with pytest.raises(ValueError, match="multiples of 32"):
-        model(torch.randn(1, 3, 225, 224))
 
 
 def test_shuffle_is_the_papers_permutation():
@@ -165,17 +138,6 @@ def test_shuffle_is_the_papers_permutation():
 
 # ---- dense features ------------------------------------------------------------------------------------
 
-def test_features_only_nchw_at_224_and_nontiling_size():
-    model = timm.create_model("msg_transformer_tiny_224", features_only=True).eval()
-    assert model.feature_info.channels() == [64, 128, 256, 512]
-    assert model.feature_info.reduction() == [4, 8, 16, 32]
-    with torch.no_grad():
-        for h, w in ((224, 224), (320, 480)):
-            feats = model(torch.randn(1, 3, h, w))
-            assert [tuple(f.shape) for f in feats] == [
-                (1, c, h // r, w // r) for c, r in zip((64, 128, 256, 512), (4, 8, 16, 32))]
-
-
 def test_detection_shuffle_sizes_and_intermediates_match_stages():
     model = timm.create_model("msg_transformer_tiny_224", shuffle_size=(4, 4, 8, 4), drop_path_rate=0.).eval()
     with torch.no_grad():
@@ -184,46 +146,3 @@ def test_detection_shuffle_sizes_and_intermediates_match_stages():
         assert [f.shape[1] for f in inter] == [64, 128, 256, 512]
         assert final.shape == (1, 4, 6, 512)        # 25x38 patches -> 4x6 real windows
         assert torch.isfinite(final).all()
-
-
-# ---- timm API -----------------------------------------------------------------------------------------
-
-def test_grad_checkpointing_matches():
-    torch.manual_seed(0)
-    model = timm.create_model("msg_transformer_tiny_224", drop_path_rate=0.).eval()
-    x = torch.randn(1, 3, 128, 128)
-    ref = model(x)
-    model.set_grad_checkpointing(True)
-    out = model(x)
-    torch.testing.assert_close(out, ref)
-    out.sum().backward()
-
-
-def test_classifier_api_and_layer_decay_groups():
-    model = meta_model("msg_transformer_tiny_224")
-    assert "msg_tokens" in model.no_weight_decay()
-    model.reset_classifier(10)
-    assert model.get_classifier().out_features == 10
-    model.reset_classifier(0)
-    assert isinstance(model.get_classifier(), torch.nn.Identity)
-    from timm.optim._param_groups import param_groups_layer_decay
-    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.9)
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    assert len({g["lr_scale"] for g in groups}) > 10      # per-block layer ids
-    matcher = model.group_matcher()
-    assert "stem" in matcher and "blocks" in matcher
-
-
-def test_fused_attn_switch_reaches_every_attention_and_agrees():
-    """`fused_attn=False` (the release's explicit softmax) is threaded to every attention module and computes
-    the same function as PyTorch's fused kernel; unknown constructor arguments are refused, not swallowed."""
-    fused = timm.create_model("msg_transformer_tiny_224", num_classes=10).double().eval()
-    explicit = timm.create_model("msg_transformer_tiny_224", num_classes=10, fused_attn=False).double().eval()
-    explicit.load_state_dict(fused.state_dict())
-    flags = {m.fused_attn for m in explicit.modules() if hasattr(m, "fused_attn")}
-    assert flags == {False}
-    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(explicit(x), fused(x), atol=1e-10, rtol=1e-10)
-    with pytest.raises(TypeError, match="fused_atn"):
-        timm.create_model("msg_transformer_tiny_224", fused_atn=False)

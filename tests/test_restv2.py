@@ -1,4 +1,8 @@
-"""ResTv2: golden equivalence with the released code, released checkpoint formats, counts, timm API."""
+"""ResTv2: golden equivalence with the released code, released checkpoint formats, counts, detection norms.
+
+What every family shares (registration and eval preprocessing, forward/backward of every variant, other
+input sizes, features_only, grad checkpointing, classifier, parameter groups) is in
+tests/test_models_common.py."""
 from __future__ import annotations
 
 import pytest
@@ -10,28 +14,13 @@ from golden import (assert_loads_strictly, assert_reproduces_release, golden_fix
                     meta_model)
 from golden import cached_listing_state_dict as listing_state_dict
 from models.measure import count_macs, count_params
-from timm.optim import param_groups_layer_decay
 
 VARIANTS = ("tiny", "small", "base", "large")
 PARAMS = {"tiny": 30_434_776, "small": 41_205_976, "base": 55_965_208, "large": 86_532_520}
 MACS_224 = {"tiny": 4.08e9, "small": 5.95e9, "base": 7.86e9, "large": 13.80e9}
 MACS_384 = {"tiny": 12.63e9, "small": 18.38e9, "base": 24.25e9, "large": 42.29e9}
 
-
-NAMES = [f"restv2_{v}_{s}" for v in VARIANTS for s in (224, 384)]
 FIXTURES = golden_fixtures("restv2_")
-
-
-
-def test_registered():
-    assert set(NAMES) <= set(timm.list_models("restv2_*"))
-    for name in NAMES:
-        cfg = timm.get_pretrained_cfg(name)
-        size = int(name[-3:])
-        assert cfg.num_classes == 1000 and cfg.input_size == (3, size, size)
-        assert cfg.crop_pct == 1.0 and cfg.interpolation == "bicubic"
-        if size == 384:
-            assert cfg.crop_mode == "squash"  # the release warps to 384x384 without a crop
 
 
 def test_fixtures_discovered():
@@ -98,35 +87,9 @@ def test_macs_cpu_equals_meta():
     assert count_macs(cpu, 224) == count_macs(meta_model("restv2_tiny_224"), 224)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_forward_backward(variant):
-    """The registered 384 model (224 one: built on meta in test_counts) trains at 384 and at 224."""
-    model = timm.create_model(f"restv2_{variant}_384", drop_path_rate=0.1)
-    for size in (384, 224):
-        model.zero_grad(set_to_none=True)
-        out = model(torch.randn(1, 3, size, size))
-        assert out.shape == (1, 1000)
-        out.sum().backward()
-        assert all(p.grad is not None for p in model.parameters())
-
-
-def test_other_sizes_and_clear_error():
-    model = timm.create_model("restv2_tiny_224", num_classes=10).eval()
-    with torch.no_grad():
-        assert model(torch.randn(1, 3, 160, 288)).shape == (1, 10)
-        assert model.forward_features(torch.randn(1, 3, 256, 256)).shape == (1, 768, 8, 8)
-    with pytest.raises(ValueError, match="multiples of 32"):
-        model(torch.randn(1, 3, 230, 224))
-
-
-def test_features_only():
-    model = timm.create_model("restv2_tiny_224", features_only=True).eval()
-    assert model.feature_info.channels() == [96, 192, 384, 768]
-    assert model.feature_info.reduction() == [4, 8, 16, 32]
-    with torch.no_grad():
-        feats = model(torch.randn(1, 3, 224, 224))
-    assert [tuple(f.shape) for f in feats] == [(1, 96, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)]
-    # detection output norms exist only here, the classification norm/head are gone
+def test_features_only_output_norms():
+    """Detection output norms exist only with features_only; the classification norm/head are gone."""
+    model = meta_model("restv2_tiny_224", features_only=True)
     n_out_norms = 2 * (96 + 192 + 384 + 768)
     assert count_params(model) == PARAMS["tiny"] - (768 * 1000 + 1000) - 2 * 768 + n_out_norms
     cls = meta_model("restv2_tiny_224")
@@ -167,24 +130,3 @@ def test_features_match_golden_stages():
     for i, f in enumerate(inter):
         torch.testing.assert_close(f[0, ::f.shape[1] // 16], feats[f"stage{i + 1}"], atol=1e-8, rtol=1e-8)
     torch.testing.assert_close(pooled, feats["head_input"], atol=1e-8, rtol=1e-8)
-
-
-def test_model_api():
-    model = timm.create_model("restv2_tiny_224").eval()
-    x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        ref = model(x)
-        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (1, 768)
-        model.set_grad_checkpointing(True)
-        torch.testing.assert_close(model(x), ref)
-    model.set_grad_checkpointing(True)
-    model.train()
-    model(x).sum().backward()
-    assert model.no_weight_decay() == set()
-    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.75)
-    assert sum(p.numel() for g in groups for p in g["params"]) == PARAMS["tiny"]
-    model.reset_classifier(5)
-    assert model.get_classifier().out_features == 5
-    assert model(x).shape == (1, 5)
-    model.reset_classifier(0)
-    assert model(x).shape == (1, 768)

@@ -1,4 +1,7 @@
-"""ScalableViT: release equivalence (golden), checkpoint loading, sizes, counts, timm API."""
+"""ScalableViT: release equivalence (golden), checkpoint loading, counts, IWSA padding, the two-layer head.
+
+What every family shares (forward/backward of every variant, other input sizes, features_only, grad
+checkpointing, classifier, parameter groups, the fused_attn switch) is in tests/test_models_common.py."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +14,6 @@ from golden import (assert_loads_strictly, assert_reproduces_release, golden_fix
 from models.measure import count_macs, count_params
 
 VARIANTS = ("small", "base", "large")
-NAMES = [f"scalable_vit_{v}_{s}" for v in VARIANTS for s in (224, 384)]
 PARAMS = {"small": 32_000_472, "base": 81_881_624, "large": 109_288_840}
 MACS = {"small": 4.27e9, "base": 8.80e9, "large": 14.99e9}
 
@@ -87,30 +89,7 @@ def test_plain_head_option():
     assert count_params(model) == PARAMS["small"] - (512 * 4096 + 4096 + 2 * 4096 + 4096 * 1000 + 1000) + 512 * 1000 + 1000
 
 
-# ---- build, forward, backward ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", NAMES)
-def test_forward_backward_default_size(name):
-    model = timm.create_model(name)
-    size = model.pretrained_cfg["input_size"][-1]
-    assert size == int(name[-3:])
-    model.train()
-    out = model(torch.randn(1, 3, size, size))
-    assert out.shape == (1, 1000)
-    out.sum().backward()
-    assert model.patch_embeds[0].proj.weight.grad is not None
-    assert model.pos_block[3].proj[0].weight.grad is not None
-
-
-@pytest.mark.parametrize("name,size", [("scalable_vit_small_224", 256), ("scalable_vit_small_384", 160)])
-def test_other_size_pads(name, size):
-    model = timm.create_model(name).eval()
-    x = torch.randn(2, 3, size, size, requires_grad=True)
-    out = model(x)
-    assert out.shape == (2, 1000) and torch.isfinite(out).all()
-    out.sum().backward()
-    assert x.grad is not None
-
+# ---- IWSA ------------------------------------------------------------------------
 
 def test_iwsa_padding_crops_back():
     """A padded IWSA equals window attention on the zero-padded map (cropped) plus the LIM of the real map."""
@@ -128,24 +107,7 @@ def test_iwsa_padding_crops_back():
     torch.testing.assert_close(out, ref)
 
 
-def test_bad_input_size_is_a_clear_error():
-    model = timm.create_model("scalable_vit_small_224").eval()
-    with pytest.raises(ValueError, match="multiples of 32"):
-        model(torch.randn(1, 3, 230, 224))
-
-
 # ---- dense features ------------------------------------------------------------------------------------
-
-def test_features_only_nchw_at_224_and_nontiling_size():
-    model = timm.create_model("scalable_vit_small_224", features_only=True).eval()
-    assert model.feature_info.channels() == [64, 128, 256, 512]
-    assert model.feature_info.reduction() == [4, 8, 16, 32]
-    with torch.no_grad():
-        for h, w in ((224, 224), (320, 480)):
-            feats = model(torch.randn(1, 3, h, w))
-            assert [tuple(f.shape) for f in feats] == [
-                (1, c, h // r, w // r) for c, r in zip((64, 128, 256, 512), (4, 8, 16, 32))]
-
 
 def test_detection_size_features():
     model = timm.create_model("scalable_vit_small_224", features_only=True, out_indices=(1, 3)).eval()
@@ -155,43 +117,12 @@ def test_detection_size_features():
     assert all(torch.isfinite(f).all() for f in feats)
 
 
-# ---- timm API -----------------------------------------------------------------------------------------
-
-def test_grad_checkpointing_matches():
-    torch.manual_seed(0)
-    model = timm.create_model("scalable_vit_small_224", drop_path_rate=0.).eval()
-    x = torch.randn(1, 3, 128, 128)
-    ref = model(x)
-    model.set_grad_checkpointing(True)
-    out = model(x)
-    torch.testing.assert_close(out, ref)
-    out.sum().backward()
-
-
-def test_classifier_api_and_layer_decay_groups():
+def test_two_layer_head_classifier():
+    """The release's head is Linear(C, 4096) -> LN -> GELU -> Linear: the classifier is its last layer, and a
+    reset replaces only that one."""
     model = meta_model("scalable_vit_small_224")
-    assert model.no_weight_decay() == {f"pos_block.{i}.proj.0.{p}" for i in range(4) for p in ("weight", "bias")}
     assert model.pretrained_cfg["classifier"] == "head.3"
     model.reset_classifier(10)
     assert model.get_classifier().out_features == 10 and model.head[0].out_features == 4096
     model.reset_classifier(0)
     assert isinstance(model.get_classifier(), torch.nn.Identity)
-    from timm.optim._param_groups import param_groups_layer_decay
-    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.9)
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    assert len({g["lr_scale"] for g in groups}) > 10
-
-
-def test_fused_attn_switch_reaches_every_attention_and_agrees():
-    """`fused_attn=False` (the release's explicit softmax) is threaded to every attention module and computes
-    the same function as PyTorch's fused kernel; unknown constructor arguments are refused, not swallowed."""
-    fused = timm.create_model("scalable_vit_small_224", num_classes=10).double().eval()
-    explicit = timm.create_model("scalable_vit_small_224", num_classes=10, fused_attn=False).double().eval()
-    explicit.load_state_dict(fused.state_dict())
-    flags = {m.fused_attn for m in explicit.modules() if hasattr(m, "fused_attn")}
-    assert flags == {False}
-    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(explicit(x), fused(x), atol=1e-10, rtol=1e-10)
-    with pytest.raises(TypeError, match="fused_atn"):
-        timm.create_model("scalable_vit_small_224", fused_atn=False)

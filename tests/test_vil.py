@@ -1,4 +1,7 @@
-"""ViL model: golden equivalence with the release, checkpoint loading/surgery, timm API, counts."""
+"""ViL: golden equivalence with the release, checkpoint loading/surgery, counts, sizes a model is built for.
+
+What every family shares (forward/backward of every variant, features_only, grad checkpointing, classifier,
+parameter groups, refused input sizes) is in tests/test_models_common.py."""
 import pytest
 import timm
 import torch
@@ -8,7 +11,6 @@ from golden import (GOLDEN, LISTINGS, golden_fixtures, load_logits, load_meta, m
                     read_listing)
 from models.measure import count_macs, count_params
 
-VARIANTS = [f"vil_{s}_{p}_{r}" for s in ("tiny", "small", "medium", "base") for p in ("rpb", "ape") for r in (224, 384)]
 _DEPTHS = {(1, 1, 9, 1): "tiny", (1, 2, 8, 1): "small", (1, 4, 16, 1): "medium", (1, 8, 24, 1): "base"}
 
 
@@ -153,61 +155,11 @@ def test_exact_small_and_base_params_and_384_macs():
         assert count_params(timm.create_model("vil_small_rpb_224")) == 24_657_328
         assert count_params(timm.create_model("vil_base_rpb_224")) == 55_801_384
         base384 = timm.create_model("vil_base_rpb_384")
-    assert round(count_params(base384) / 1e6, 3) == 56.024                  # spec: Base-Deep 384 (f6,f8)
+    assert round(count_params(base384) / 1e6, 3) == 56.024                  # release: Base-Deep 384 (f6,f8)
     assert count_macs(base384) / 1e9 == pytest.approx(46.71, rel=0.01)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_every_variant_forward_backward(name):
-    m = timm.create_model(name, drop_path_rate=0.1)
-    cfg = m.pretrained_cfg
-    assert cfg["num_classes"] == 1000 and cfg["crop_pct"] in (0.875, 0.922)
-    size = cfg["input_size"][-1]
-    assert size == int(name[-3:])
-    m.train()
-    out = m(torch.randn(1, 3, size, size))
-    assert out.shape == (1, 1000)
-    out.sum().backward()
-    assert m.stages[0].patch_embed.proj.weight.grad is not None
-    assert all(p.grad is not None for n, p in m.named_parameters() if "stages.3" in n)
-
-
-def test_features_only_and_other_sizes():
-    m = timm.create_model("vil_tiny_rpb_224", features_only=True)
-    feats = m(torch.randn(1, 3, 224, 224))
-    assert [tuple(f.shape) for f in feats] == [(1, 48, 56, 56), (1, 96, 28, 28), (1, 192, 14, 14), (1, 384, 7, 7)]
-    assert m.feature_info.channels() == [48, 96, 192, 384] and m.feature_info.reduction() == [4, 8, 16, 32]
-    # other sizes: chunks pad (160 -> 40x40 map, not a multiple of 7)
+def test_built_for_other_sizes_chunks_pad():
+    """A model built for 160 (a 40x40 stage-1 map, not a multiple of the 7x7 chunks) zero-pads its chunks."""
     m = timm.create_model("vil_tiny_rpb_224", img_size=160).eval()
     assert m(torch.randn(1, 3, 160, 160)).shape == (1, 1000)
-
-
-@pytest.mark.parametrize("name", ["vil_tiny_rpb_224", "vil_tiny_ape_224"])
-def test_wrong_size_is_a_clear_error(name):
-    m = timm.create_model(name).eval()
-    with pytest.raises(ValueError, match="checkpoint_filter_fn"):
-        m(torch.randn(1, 3, 256, 256))
-
-
-def test_timm_api():
-    m = timm.create_model("vil_tiny_rpb_224", num_classes=10, img_size=64)
-    nwd = m.no_weight_decay()
-    assert "stages.0.patch_embed.cls_token" in nwd
-    assert "stages.0.blocks.0.attn.local_relative_position_bias_table" in nwd
-    assert "stages.0.blocks.0.attn.query.weight" not in nwd
-    from timm.optim import param_groups_layer_decay
-    groups = param_groups_layer_decay(m, weight_decay=0.05, layer_decay=0.75)
-    assert len({g["lr_scale"] for g in groups}) > 5
-    m.reset_classifier(5)
-    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 5)
-    m.reset_classifier(0)
-    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 384)
-    # gradient checkpointing gives the same gradients
-    m = timm.create_model("vil_tiny_rpb_224", drop_path_rate=0.0, img_size=96).double()
-    x = torch.randn(1, 3, 96, 96, dtype=torch.float64)
-    m(x).square().sum().backward()
-    g0 = m.stages[1].blocks[0].attn.kv.weight.grad.clone()
-    m.zero_grad()
-    m.set_grad_checkpointing(True)
-    m(x).square().sum().backward()
-    torch.testing.assert_close(m.stages[1].blocks[0].attn.kv.weight.grad, g0)

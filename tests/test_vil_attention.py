@@ -76,7 +76,9 @@ def test_float32_agreement():
 
 
 def test_reference_semantics_by_brute_force():
-    """The dense reference itself, entry by entry, against the spec's definition (one query, one head)."""
+    """The dense reference itself, entry by entry, against the release's semantics (``sw_exact=0``): key k is
+    kept for query q iff their w x w chunks differ by at most 1 in x and in y, bias
+    ``table[(dx + 2w - 1)(4w - 1) + (dy + 2w - 1)]``, local queries also see the global tokens (one query, one head)."""
     nx, ny, w, g = 10, 9, 4, 1
     q, k, v, table, g2l, g2g = [t.detach() if t is not None else None for t in _inputs(1, 1, 3, nx, ny, w, g, True)]
     out = dense_longformer2d_attention(q, k, v, nx, ny, w, g, 1.0, table, g2l, g2g)
@@ -169,3 +171,26 @@ def test_random_shift_mode_train_vs_eval():
                                        attn.g2l_relative_position_bias, attn.g2g_relative_position_bias, mode=k)
     ref = attn.proj(ref.transpose(1, 2).reshape(2, -1, 16))
     torch.testing.assert_close(shifted, ref)
+
+
+def test_chunk_backward_saves_no_gathered_keys():
+    """One layer keeps for its backward the probabilities, token-sized tensors and weights only (the hand-written
+    backward gathers the ``g + 9 w^2`` keys/values of each chunk again instead of saving them: 18x tokens)."""
+    from models.vil import LongformerAttention
+
+    attn = LongformerAttention(16, 2, 4, 1)
+    n, b = 16, 2
+    x = torch.randn(b, 1 + n * n, 16, requires_grad=True)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = attn(x, n, n)
+    token_bytes = x.numel() * 4
+    probs_bytes = b * 2 * 16 * 16 * (1 + 9 * 16) * 4        # [B, H, chunks, w^2, g + 9 w^2]
+    assert sum(storages.values()) < probs_bytes + 12 * token_bytes, (sum(storages.values()), probs_bytes, token_bytes)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -1,10 +1,7 @@
-"""Building blocks shared by every backbone family (one place per concern, see DESIGN.md)."""
+"""Building blocks kept out of the family files, one module per concern: released-checkpoint unwrapping
+(``checkpoint``, every family), relative-position tables (``rel_pos``: ViL, MSG-Transformer), the PEG
+(``peg``: ScalableViT) and ViL's 2-D Longformer attention (``longformer2d``)."""
 from .peg import PosConv
-from .rel_pos import relative_position_index, resize_rel_pos_table, resize_rel_pos_table_2d
-from .window import pad_to_multiple, window_partition, window_reverse
+from .rel_pos import relative_position_index, resize_rel_pos_table_2d
 
-__all__ = [
-    "relative_position_index", "resize_rel_pos_table", "resize_rel_pos_table_2d",
-    "pad_to_multiple", "window_partition", "window_reverse",
-    "PosConv",
-]
+__all__ = ["relative_position_index", "resize_rel_pos_table_2d", "PosConv"]

@@ -1,12 +1,13 @@
 """Unwrapping released checkpoint files, shared by every family's ``checkpoint_filter_fn``.
 
 Training scripts save ``{'model': state_dict, 'optimizer': ..., 'model_ema': ...}`` (DeiT/Swin style),
-``{'state_dict': ...}`` (mmcv style) or ``{'module': ...}`` (DeepSpeed), and DataParallel/DDP prefix every key
+``{'state_dict': ...}`` (mmcv style), ``{'module': ...}`` (DeepSpeed) or ``{'net': ..., 'arch': ...}`` (the ViL
+release's ``Checkpointer``), and DataParallel/DDP prefix every key
 with ``module.``. timm's own ``clean_state_dict`` only strips the prefix, hence this small helper.
 """
 from __future__ import annotations
 
-WRAPPER_KEYS = ("model", "module", "state_dict", "model_ema")
+WRAPPER_KEYS = ("model", "module", "state_dict", "model_ema", "net")
 
 
 def unwrap_state_dict(state_dict: dict, wrapper_keys: tuple = WRAPPER_KEYS) -> dict:

@@ -21,13 +21,29 @@ Implementations (same function, tested against each other forward and backward):
     The readable reference: builds the full ``N x N`` logits and an explicit mask. Memory is quadratic
     in tokens; only for tests and small maps.
 ``sliding_chunk_attention`` (default)
-    Gathers, with cached indices (``index_select``, whose backward is a single ``index_add``), each
-    chunk's queries and its keys/values: the global tokens followed by the 3x3 chunk neighbourhood
-    (``g + 9 w^2`` keys, ``9x`` the keys in memory). One batched matmul per chunk gives the logits; the
-    bias (relative position + local->global + an additive ``-inf`` mask that depends only on the chunk
-    and the key, cached per shape) is added in place; softmax; one batched matmul with the values.
+    Gathers, with cached indices (``index_select``), each chunk's queries and its keys/values: the
+    global tokens followed by the 3x3 chunk neighbourhood (``g + 9 w^2`` keys, ``9x`` the keys in
+    memory, only while the layer runs). One batched matmul per chunk gives the logits; the bias
+    (relative position + local->global + an additive ``-inf`` mask that depends only on the chunk and
+    the key, cached per shape) is added in place; softmax; one batched matmul with the values. Its
+    backward is written by hand (a ``torch.autograd.Function``): it keeps only ``q, k, v`` and the
+    probabilities, gathers the keys/values again and scatters their gradients with ``index_add``.
     Memory is linear in tokens. On CPU it avoids the release's 9 rolled einsums and SDPA (slow here
     with a float mask).
+``flex_longformer2d_attention`` (``attn_impl='flex'``)
+    The whole attention (global and local queries) as one ``torch.nn.attention.flex_attention`` call:
+    a ``mask_mod`` (global rows/columns, chunk neighbourhood) compiled into a block-sparse ``BlockMask``
+    and a ``score_mod`` that adds the bias. The fused kernel never materialises the logits (memory
+    linear in tokens) when flex_attention is compiled, which this function does itself unless it is
+    already under ``torch.compile``. What torch 2.13 runs where:
+
+    * CUDA: fused forward and backward (training);
+    * CPU, float32/bfloat16/float16, no gradients: fused forward (inference, the compiled C++ kernel);
+    * CPU, float64: torch's unfused eager path (it materialises the logits: for checks only);
+    * CPU with gradients: torch 2.13 has no FlexAttention backward on CPU and refuses such inputs; this
+      function raises a ``NotImplementedError`` that says so (use ``attn_impl='chunk'`` to train on CPU).
+      The tests compare forward and gradients on CPU by bypassing that input check, so that torch's
+      eager autograd of the same ``score_mod``/``mask_mod`` runs.
 """
 from __future__ import annotations
 
@@ -37,7 +53,8 @@ import torch
 
 __all__ = [
     "CHUNK_OFFSETS", "mode_chunks", "local_relative_position_index", "chunk_key_mask",
-    "sliding_chunk_attention", "dense_longformer2d_attention", "valid_local_pairs",
+    "sliding_chunk_attention", "dense_longformer2d_attention", "flex_longformer2d_attention",
+    "valid_local_pairs",
 ]
 
 # chunk neighbourhood in the release's order: chunk id c = 3 * (dx + 1) + (dy + 1)
@@ -141,6 +158,64 @@ def _additive_mask(nx, ny, w, g, chunks, device, dtype):
     return torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill_(~valid, float("-inf"))
 
 
+class _ChunkAttention(torch.autograd.Function):
+    """Chunked softmax attention whose backward re-gathers the keys/values instead of saving them.
+
+    Autograd would save the gathered ``g + 9 w^2`` keys and values of every chunk (18x the token
+    tensor per layer) for the backward; this function saves the ungathered ``q, k, v`` (which the block
+    keeps alive anyway) and the probabilities, and gathers again in the backward (the release's
+    hand-written backward makes the same trade). Same numerics as the autograd version.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, q_idx, k_idx, inv_idx, scale, w2):
+        b, h, _, m = q.shape
+        nch = q_idx.numel() // w2
+        kn = k_idx.numel() // nch
+        qc = q.index_select(2, q_idx).view(b, h, nch, w2, m).mul_(scale)
+        attn = torch.matmul(qc, k.index_select(2, k_idx).view(b, h, nch, kn, m).transpose(-1, -2))
+        del qc
+        p = attn.add_(bias).softmax(dim=-1)                                       # [B, H, nch, w2, K]
+        del attn
+        out = torch.matmul(p, v.index_select(2, k_idx).view(b, h, nch, kn, m))
+        ctx.save_for_backward(q, k, v, p, q_idx, k_idx, inv_idx)
+        ctx.scale, ctx.shape = scale, (b, h, nch, w2, kn, m)
+        ctx.bias_shape = bias.shape
+        return out.view(b, h, nch * w2, m).index_select(2, inv_idx)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, p, q_idx, k_idx, inv_idx = ctx.saved_tensors
+        b, h, nch, w2, kn, m = ctx.shape
+        go = grad_out.new_zeros(b, h, nch * w2, m).index_copy_(2, inv_idx, grad_out).view(b, h, nch, w2, m)
+        dp = torch.matmul(go, v.index_select(2, k_idx).view(b, h, nch, kn, m).transpose(-1, -2))
+        dv = None
+        if ctx.needs_input_grad[2]:
+            dvc = torch.matmul(p.transpose(-1, -2), go).view(b, h, nch * kn, m)
+            dv = v.new_zeros(v.shape).index_add_(2, k_idx, dvc)
+            del dvc
+        del go
+        # softmax backward in place: ds = p * (dp - sum(p * dp)); zero where p is (masked keys, padded rows)
+        dp.mul_(p)
+        ds = dp.addcmul_(p, dp.sum(-1, keepdim=True), value=-1)
+        del dp
+        dbias = None
+        if ctx.needs_input_grad[3]:
+            dbias = ds.sum(0, keepdim=len(ctx.bias_shape) == 5)
+            dbias = dbias.sum_to_size(ctx.bias_shape)
+        dq = dk = None
+        if ctx.needs_input_grad[0]:
+            dqc = torch.matmul(ds, k.index_select(2, k_idx).view(b, h, nch, kn, m)).mul_(ctx.scale)
+            dq = dqc.view(b, h, nch * w2, m).index_select(2, inv_idx)
+            del dqc
+        if ctx.needs_input_grad[1]:
+            qc = q.index_select(2, q_idx).view(b, h, nch, w2, m)
+            dkc = torch.matmul(ds.transpose(-1, -2), qc).mul_(ctx.scale).view(b, h, nch * kn, m)
+            dk = k.new_zeros(k.shape).index_add_(2, k_idx, dkc)
+        return dq, dk, dv, dbias, None, None, None, None, None
+
+
 def sliding_chunk_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nx: int, ny: int, w: int, num_global: int,
     scale: float, rel_bias: torch.Tensor | None = None, l2g_bias: torch.Tensor | None = None,
@@ -149,10 +224,12 @@ def sliding_chunk_attention(
     """Local-query part of ViL attention, memory linear in tokens.
 
     Every chunk's queries and its keys/values (the ``g`` global tokens, then the neighbour chunks) are
-    gathered with cached indices (``index_select``; its backward is one ``index_add``), so one batched
-    matmul covers each chunk's ``w^2 x (g + 9 w^2)`` logits. Keys outside the map or in zero padding
-    point at an arbitrary token and are masked by an additive ``-inf`` (cached per shape); the bias
-    (relative position + local->global + mask) is added in place in one pass.
+    gathered with cached indices (``index_select``), so one batched matmul covers each chunk's
+    ``w^2 x (g + 9 w^2)`` logits. Keys outside the map or in zero padding point at an arbitrary token
+    and are masked by an additive ``-inf`` (cached per shape); the bias (relative position +
+    local->global + mask) is added in place in one pass. The backward (:class:`_ChunkAttention`)
+    gathers again rather than keeping the gathered keys/values: training memory stays below the
+    release's.
 
     Args:
         q: ``[B, H, nx*ny, M]`` local queries (unscaled).
@@ -163,16 +240,13 @@ def sliding_chunk_attention(
     Returns:
         ``[B, H, nx*ny, M]``.
     """
-    b, h, _, m = q.shape
+    h = q.shape[1]
     g = num_global
     chunks = mode_chunks(mode)
     w2 = w * w
     q_idx, k_idx, inv_idx, _ = _chunk_indices(nx, ny, w, g, chunks, str(q.device))
     nch = q_idx.numel() // w2
     kn = k_idx.numel() // nch
-    qc = (q * scale).index_select(2, q_idx).view(b, h, nch, w2, m)
-    kc = k.index_select(2, k_idx).view(b, h, nch, kn, m)
-    vc = v.index_select(2, k_idx).view(b, h, nch, kn, m)
     mask = _additive_mask(nx, ny, w, g, chunks, q.device, q.dtype).view(1, nch, 1, kn)
     if rel_bias is not None:
         if mode != 0:
@@ -182,10 +256,7 @@ def sliding_chunk_attention(
         bias = (rel_bias.to(q.dtype).unsqueeze(1) + mask)                          # [H, nch, w2, K]
     else:
         bias = mask
-    attn = torch.matmul(qc, kc.transpose(-1, -2))                                 # [B, H, nch, w2, K]
-    attn = attn.add_(bias).softmax(dim=-1)
-    out = torch.matmul(attn, vc).view(b, h, nch * w2, m)
-    return out.index_select(2, inv_idx)
+    return _ChunkAttention.apply(q, k.to(q.dtype), v.to(q.dtype), bias, q_idx, k_idx, inv_idx, scale, w2)
 
 
 def dense_longformer2d_attention(
@@ -229,3 +300,89 @@ def dense_longformer2d_attention(
     attn = (q * scale) @ k.transpose(-1, -2) + bias
     attn = attn.masked_fill(~keep, float("-inf")).softmax(dim=-1)
     return attn @ v
+
+
+# ----------------------------------------------------------------------------------------- FlexAttention
+
+def _longformer_mask_mod(num_global: int, ny: int, w: int, mode: int):
+    """``mask_mod(b, h, q_idx, kv_idx)``: global rows and columns are free, local pairs need a neighbour chunk."""
+    g = num_global
+    offsets = [CHUNK_OFFSETS[c] for c in mode_chunks(mode)]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ql, kl = (q_idx - g).clamp(min=0), (kv_idx - g).clamp(min=0)
+        dcx = (kl // ny) // w - (ql // ny) // w                           # key chunk - query chunk
+        dcy = (kl % ny) // w - (ql % ny) // w
+        if mode == 0:
+            local = (dcx.abs() <= 1) & (dcy.abs() <= 1)
+        else:
+            local = (dcx == offsets[0][0]) & (dcy == offsets[0][1])
+            for ox, oy in offsets[1:]:
+                local = local | ((dcx == ox) & (dcy == oy))
+        return (q_idx < g) | (kv_idx < g) | local
+
+    return mask_mod
+
+
+@lru_cache(maxsize=64)
+def _flex_block_mask(nx: int, ny: int, w: int, num_global: int, mode: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+    n = num_global + nx * ny
+    return create_block_mask(_longformer_mask_mod(num_global, ny, w, mode), None, None, n, n, device=device)
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_longformer2d_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nx: int, ny: int, w: int, num_global: int,
+    scale: float, table: torch.Tensor | None = None, g2l: torch.Tensor | None = None,
+    g2g: torch.Tensor | None = None, mode: int = 0, block_mask=None,
+) -> torch.Tensor:
+    """The whole ViL attention on FlexAttention; same arguments and result as :func:`dense_longformer2d_attention`.
+
+    ``block_mask``: the ``BlockMask`` of this shape and mode (default: built once per shape and cached);
+    callers under ``torch.compile`` pass one built outside the graph so that it is not rebuilt per step.
+    """
+    from torch.nn.attention import flex_attention as fa
+
+    g = num_global
+    if block_mask is None:
+        block_mask = _flex_block_mask(nx, ny, w, g, mode, str(q.device))
+    score_mod = None
+    if table is not None:
+        span, side = 2 * w - 1, 4 * w - 1
+        top = table.shape[0] - 1
+
+        def add_bias(score, b, h, q_idx, kv_idx):
+            ql, kl = (q_idx - g).clamp(min=0), (kv_idx - g).clamp(min=0)
+            idx = ((ql // ny - kl // ny + span) * side + (ql % ny - kl % ny + span)).clamp(0, top)
+            bias = table[idx, h]                                   # local -> local (clamped where masked)
+            if g:
+                qg, kg = q_idx.clamp(max=g - 1), kv_idx.clamp(max=g - 1)
+                bias = torch.where(
+                    q_idx < g,
+                    torch.where(kv_idx < g, g2g[h, qg, kg], g2l[0, h, qg]),   # global query
+                    torch.where(kv_idx < g, g2l[1, h, kg], bias))            # local query
+            return score + bias
+
+        score_mod = add_bias
+
+    if torch.compiler.is_compiling():
+        flex = fa.flex_attention                                   # the caller's compile fuses it
+    elif q.device.type == "cpu" and q.dtype == torch.float64:
+        flex = fa.flex_attention                                   # the CPU kernel has no float64: unfused
+    else:
+        flex = _compiled_flex_attention()
+    try:
+        return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    except NotImplementedError as e:
+        if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise NotImplementedError(
+                f"ViL attn_impl='flex' cannot compute gradients on CPU: torch {torch.__version__} has no "
+                f"FlexAttention backward on CPU ({e}). Train on CPU with attn_impl='chunk' (the default); "
+                f"'flex' runs inference on CPU and training on CUDA.") from e
+        raise

@@ -57,10 +57,3 @@ def resize_rel_pos_table_2d(
                         size=tuple(new_size), mode=mode, align_corners=False)
     return out.reshape(num_heads, new_size[0] * new_size[1]).t().contiguous().to(table.dtype)
 
-
-def resize_rel_pos_table(table: torch.Tensor, new_rows: int, mode: str = "bilinear") -> torch.Tensor:
-    """Resize a square-grid table ``[s*s, H]`` to ``[new_rows, H]`` (``new_rows`` a perfect square)."""
-    side = math.isqrt(new_rows)
-    if side * side != new_rows:
-        raise ValueError(f"target bias table size {new_rows} is not a square grid")
-    return resize_rel_pos_table_2d(table, (side, side), mode=mode)

@@ -1,0 +1,46 @@
+"""``models.bench --compile`` and ``--suite`` run and report what they promise (figures are not asserted).
+
+The default test uses the ``eager`` compile backend (Dynamo capture, no code generation) to stay cheap;
+the slow ones run AOTAutograd and inductor, and the ViL flex comparison (it compiles the CPU kernel).
+"""
+import json
+
+import pytest
+
+from models import bench
+
+_TINY = ["--size", "64", "--batch", "1", "--reps", "1", "--device", "cpu"]
+
+
+def test_bench_suite_json(tmp_path, capsys):
+    path = tmp_path / "suite.json"
+    rows = bench.main(["--suite", "--models", "vil_tiny_rpb_224", *_TINY, "--backend", "eager", "--no-flex",
+                       "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "compiled/eager" in out and "CPU" in out and "flex" not in out
+    saved = json.loads(path.read_text())
+    assert saved == json.loads(json.dumps(rows))
+    (row,) = saved
+    assert row["model"] == "vil_tiny_rpb_224" and row["eager_img_s"] > 0 and row["compiled_img_s"] > 0
+    assert row["eager_peak_mib"] > 0 and row["compiled_over_eager"] > 0
+
+
+@pytest.mark.slow
+def test_bench_suite_vil_flex(capsys):
+    (row,) = bench.main(["--suite", "--models", "vil_tiny_rpb_224", *_TINY, "--backend", "aot_eager"])
+    assert "flex/chunk" in capsys.readouterr().out
+    assert row["flex_over_chunk"] > 0 and "forward" in row["flex_measure"] and row["flex_fwd_peak_mib"] > 0
+
+
+@pytest.mark.slow
+def test_bench_model_compile_side_by_side(capsys):
+    bench.main(["--model", "restv2_tiny_224", *_TINY, "--compile", "--backend", "aot_eager"])
+    out = capsys.readouterr().out
+    assert out.count("compiled/eager speed") == 2 and "compiled  min" in out and "eager     min" in out
+
+
+@pytest.mark.slow
+def test_bench_suite_inductor_every_family(capsys):
+    rows = bench.main(["--suite", *_TINY, "--no-flex", "--models", "vil_tiny_rpb_224", "msg_transformer_tiny_224",
+                       "scalable_vit_small_224", "restv2_tiny_224", "ms_mlp_tiny_224"])
+    assert len(rows) == 5 and all(r["compiled_img_s"] > 0 for r in rows)
