@@ -8,6 +8,8 @@
     RUN/checkpoints/step_00000100/    DeepSpeed model/optimizer shards (any ZeRO stage)
     RUN/checkpoints/step_00000100/client_rank{r}.pt   rank r's loop state: RNG states, data-loader state
     RUN/checkpoints/step_00000100/ema.safetensors     EMA weights (``train.ema > 0``)
+    RUN/checkpoints/step_00000100/universal/          DeepSpeed's universal checkpoint of the tag, made on
+                                      the first resume on another world size (:mod:`pretrain.elastic`)
     RUN/checkpoints/step_00000100/COMPLETE            written by rank 0 after every rank finished writing:
                                       JSON {world_size, files: {name: {size, crc32}}}
     RUN/checkpoints/corrupt-step_00000100/            a checkpoint that failed verification (kept, never read)
@@ -155,8 +157,8 @@ def saved_world_size(ckpt_dir: Path, tag: str) -> int:
 
 
 def check_world_size(ckpt_dir: Path, tag: str, world: int) -> None:
-    """Refuse, before anything is loaded or written, a checkpoint written by another number of processes
-    (an unreadable marker is left to verification, which then falls back to an older checkpoint)."""
+    """Refuse to load a checkpoint written by another number of processes as it is (the trainer resumes
+    those through :mod:`pretrain.elastic`; an unreadable marker is left to verification)."""
     try:
         saved = saved_world_size(ckpt_dir, tag)
     except CheckpointError:

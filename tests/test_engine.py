@@ -168,12 +168,15 @@ def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path):
 
 
 def test_world_size_change_fails_clearly_before_touching(shards, tmp_path):
+    """Another world size resumes (tests/test_elastic.py) when it can keep the global batch (here 2 x 8 = 16);
+    1 process with micro_batch 3 cannot: refused with one line, nothing touched."""
     run = tmp_path / "run"
     base = args_for(shards, run, "deepspeed.zero_stage=2", "precision=bf16", "checkpoint.every_steps=2")
     run_ranks(base + ["train.max_steps=2"])
     before = sorted(p.name for p in (run / "checkpoints").rglob("*"))
-    r = run_ranks(base + ["train.max_steps=4"], nproc=1, expect=1)
-    assert "written by 2 processes, this job has 1" in r.output(0)
+    r = run_ranks(base + ["train.max_steps=4", "train.micro_batch=3"], nproc=1, expect=2)
+    assert "written by 2 processes, global batch 16) on 1: " in r.output(0)
+    assert "train.micro_batch= one of [1, 2, 4, 8, 16]" in r.output(0)
     assert sorted(p.name for p in (run / "checkpoints").rglob("*")) == before
 
 
