@@ -114,6 +114,16 @@ def model_data_cfg(cfg: Config) -> dict:
             "crop_pct": cfg.data.crop_pct or pc.get("crop_pct", 0.875)}
 
 
+def classifier_module(model_name: str) -> str:
+    """Dotted name of the model's classifier (its timm default cfg's ``classifier``: ``head``, ``head.3``, ...)."""
+    import timm
+
+    import models  # noqa: F401
+
+    pc = timm.models.get_pretrained_cfg(model_name)
+    return (pc.classifier if pc is not None and pc.classifier else "head")
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """Our config -> DeepSpeed's (ZeRO stage, bf16, clipping, accumulation, offload)."""
     t, ds = cfg.train, cfg.deepspeed

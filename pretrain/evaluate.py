@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     from launch.distributed import init_distributed
     from models.family import family_of
     from pretrain.config import ConfigError, load_config
-    from pretrain.engine import build_model, config_from_checkpoint, eval_class_index, evaluate, model_data_cfg
+    from pretrain.engine import (build_model, classifier_module, config_from_checkpoint, eval_class_index, evaluate,
+                                 model_data_cfg)
     from pretrain.rundir import RunDir
     from pretrain.weights import load_state_dict
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
                                    world_size=env.world_size, seed=cfg.seed, device=device,
                                    model_mean_std=(pcfg["mean"], pcfg["std"]))
     state = load_state_dict(args.ckpt or args.weights, ema=args.ema)
-    head = state.get("head.weight", state.get("head.fc.weight"))
+    head = state.get(f"{classifier_module(cfg.model.name)}.weight")
     num_classes = cfg.model.num_classes or (head.shape[0] if head is not None else loader.num_classes)
     model = build_model(cfg, num_classes).to(device)
     fam = family_of(model)

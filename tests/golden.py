@@ -118,13 +118,13 @@ def load_logits(fixture: Path) -> torch.Tensor:
 def assert_reproduces_release(model_name: str, fixture: Path, **create_kwargs) -> None:
     """The golden check: our model, float64 *before* loading, loads the generated released-format dict
     strictly through its family's checkpoint_filter_fn and reproduces the release's logits at 1e-8."""
-    import sys
-
     import timm
+
+    from models.family import family_of
 
     meta = load_meta(fixture)
     model = timm.create_model(model_name, drop_path_rate=0.0, **create_kwargs).double().eval()
-    filter_fn = sys.modules[type(model).__module__].checkpoint_filter_fn
+    filter_fn = family_of(model).filter_fn
     sd = make_state_dict(read_listing(LISTINGS / meta["listing"]), meta["seed"])
     model.load_state_dict(filter_fn(sd, model), strict=True)
     with torch.no_grad():
