@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     for i in range(args.kills):
         kind = kinds[i % 3] if i < 3 else rng.choice(kinds)
         done = max(step_losses(run_dir), default=0)
-        target = rng.randint(done + 1, max(done + 1, args.steps - 2))
+        room = max(1, (args.steps - 2 - done) // (args.kills - i))  # leave steps for the kills still to come
+        target = rng.randint(done + 1, done + room)
         procs = start(run_dir, data, args.steps, work / "chaos")
         killed = run_until(procs, _condition(kind, run_dir, target, 4), args.timeout)
         restarts += 1
