@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from pretrain import safeload
 from pretrain.config import Config, ConfigError
-from pretrain.rundir import CheckpointError, client_state_file, rng_state, saved_world_size
+from pretrain.rundir import CheckpointError, client_state_file, load_engine_state, rng_state, saved_world_size
 
 log = logging.getLogger("pretrain")
 
@@ -176,11 +176,7 @@ def load(ckpt, tag: str, engine, reshape: Reshape, rank: int, seed: int) -> tupl
     # - every group's optimizer state gets the *same* ``step`` tensor, which torch's Adam increments in place
     #   once per group per step, so the bias correction runs ahead: each group gets its own copy.
     groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
-    with safeload.weights_only_loads():
-        path, common = engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
+    common = load_engine_state(engine, load_dir, load_tag)
     for g, built in zip(engine.optimizer.param_groups, groups):
         g.update(built)
     for st in getattr(engine.optimizer, "state", {}).values():

@@ -69,6 +69,11 @@ def no_jit_comm_ops() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def local_device() -> torch.device:
+    """This process's device: its current CUDA device (set by ``launch.distributed``), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def check_model_name(name: str) -> None:
     import timm
 

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from models.family import family_of
     from pretrain.config import ConfigError, load_config
     from pretrain.engine import (build_model, classifier_module, config_from_checkpoint, eval_class_index, evaluate,
-                                 model_data_cfg)
+                                 local_device, model_data_cfg)
     from pretrain.rundir import RunDir
     from pretrain.weights import load_state_dict
 
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         return 2
 
     env = init_distributed(cfg.launch.backend)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = local_device()
     pcfg = model_data_cfg(cfg)
     loader = data_pkg.build_loader("eval", dataclasses.replace(cfg.data, crop_pct=pcfg["crop_pct"]), cfg.aug,
                                    img_size=pcfg["img_size"], micro_batch=cfg.train.micro_batch, rank=env.rank,

@@ -351,6 +351,17 @@ class RunDir:
                 os.close(fd)
 
 
+def load_engine_state(engine, ckpt_dir: Path, tag: str) -> dict:
+    """Collective: DeepSpeed restores module and optimizer state (its own format, any ZeRO stage), every
+    pickle weights-only; returns the common client state saved with it."""
+    with safeload.weights_only_loads():
+        path, common = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
+    return common
+
+
 class Checkpointer:
     """DeepSpeed checkpoints of one checkpoint folder, with a ``latest`` that only names complete ones."""
 
@@ -416,11 +427,7 @@ class Checkpointer:
         """Collective: restore model/optimizer via DeepSpeed; returns (common client state, this rank's).
         Every pickle is read weights-only."""
         check_world_size(self.ckpt_dir, tag, dist.get_world_size())
-        with safeload.weights_only_loads():
-            path, common = engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
+        common = load_engine_state(engine, self.ckpt_dir, tag)
         rank_state = safeload.load(client_state_file(self.ckpt_dir / tag, dist.get_rank()))
         return common, rank_state
 

@@ -31,7 +31,8 @@ from pretrain.engine import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, TrainingError
 from pretrain.metrics import RunLogger, StepTimer, peak_flops
 from pretrain.optim import build_optimizer, build_scheduler, effective_lr
 from pretrain.precision import agree_all, resolve_precision
-from pretrain.rundir import (Checkpointer, CheckpointError, RunDir, is_complete, latest_complete,
+from pretrain.rundir import (Checkpointer, CheckpointError, RunDir, is_complete, latest_complete, rng_state,
+                             set_rng_state,
                              verify_problem)
 
 log = logging.getLogger("pretrain")
@@ -104,8 +105,7 @@ class Trainer:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=accum))
         self.cfg, self.rank, self.world = cfg, rank, world
         self.run = RunDir(cfg.run.dir)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        self.device = E.local_device()
         self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         t = cfg.train
         self.global_batch = t.micro_batch * t.grad_accum * world
@@ -243,8 +243,6 @@ class Trainer:
         s = self.state
         common = {"step": s.step, "epoch": s.epoch, "config": self.cfg.to_dict(), "skipped": s.skipped,
                   "world_size": self.world}
-        from pretrain.rundir import rng_state
-
         rank_state = {"loader": self.train_loader.state_dict(), "rng": rng_state()}
         ema_state = self.ema.module.state_dict() if self.ema is not None else None
         tag = self.ckpt.save(self.engine, s.step, common, rank_state, ema_state)
@@ -281,8 +279,6 @@ class Trainer:
         return next((e for e in errors if e), None)
 
     def _load(self, ckpt: Checkpointer, tag: str) -> None:
-        from pretrain.rundir import set_rng_state
-
         ckpt_dir = ckpt.ckpt_dir
         common, rank_state = (elastic.load(ckpt, tag, self.engine, self.reshape, self.rank, self.cfg.seed)
                               if self.reshape is not None else ckpt.load(self.engine, tag))
@@ -464,8 +460,7 @@ def _all_finite(loss: torch.Tensor) -> bool:
 
 
 def _resolve_precision(cfg: Config, rank: int) -> Config:
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    value, why = resolve_precision(cfg.precision, device, agree=agree_all)
+    value, why = resolve_precision(cfg.precision, E.local_device(), agree=agree_all)
     if rank == 0:
         log.info("precision %s (%s%s)", value, "auto: " if cfg.precision == "auto" else "", why)
     return dataclasses.replace(cfg, precision=value)
