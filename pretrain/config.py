@@ -385,3 +385,24 @@ def _get(cfg: Config, dotted: str) -> Any:
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def resolve_grad_accum(t, world: int) -> int:
+    """``grad_accum`` for this world size: derived from ``train.global_batch`` when a recipe fixes the global
+    batch (its lr is tuned for it), else the configured one. Refuses a layout that cannot give that batch."""
+    if not t.global_batch:
+        return t.grad_accum
+    per_step = t.micro_batch * world
+    if t.global_batch % per_step == 0 and t.grad_accum in (1, t.global_batch // per_step):
+        return t.global_batch // per_step
+    if t.global_batch % per_step == 0:
+        raise ConfigError(f"config key 'train.grad_accum'={t.grad_accum} contradicts 'train.global_batch'="
+                          f"{t.global_batch} on {world} processes (it would be {t.global_batch // per_step}); "
+                          "leave grad_accum at 1 to derive it")
+    per_rank = t.global_batch // t.micro_batch if t.global_batch % t.micro_batch == 0 else 0
+    worlds = [w for w in range(1, per_rank + 1) if per_rank % w == 0]
+    micros = [m for m in range(1, t.global_batch // world + 1) if t.global_batch % (m * world) == 0]
+    fix = " or ".join(([f"use a world size in {worlds[-8:]}"] if worlds else [])
+                      + ([f"train.micro_batch= one of {micros[-6:]}"] if micros else [])) or "no layout fits"
+    raise ConfigError(f"config key 'train.global_batch'={t.global_batch} cannot be reached with micro_batch "
+                      f"{t.micro_batch} on {world} processes: {fix} (the recipe's lr is tuned for this batch)")

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import safeload
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config, ConfigError, resolve_grad_accum
 from pretrain.rundir import CheckpointError, client_state_file, load_engine_state, rng_state, saved_world_size
 
 log = logging.getLogger("pretrain")
@@ -77,8 +77,6 @@ def partitioned(tag_dir: Path) -> bool:
 def plan(cfg: Config, ckpt_dir: Path, tag: str, world: int) -> Reshape | None:
     """Before anything is written: None when this job resumes the tag as it is; else the new layout. A layout
     that cannot reach the run's global batch is a ConfigError (one line naming what would work)."""
-    from pretrain.trainer import resolve_grad_accum
-
     tag_dir = Path(ckpt_dir) / tag
     try:
         saved_world = saved_world_size(ckpt_dir, tag)

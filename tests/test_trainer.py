@@ -10,8 +10,7 @@ import sys
 import pytest
 
 from engine_utils import ROOT, TINY, Ranks, clean_env, make_demo_shards, run_ranks, step_losses
-from pretrain.config import ConfigError, load_config
-from pretrain.trainer import resolve_grad_accum
+from pretrain.config import ConfigError, load_config, resolve_grad_accum
 
 
 # ---------------------------------------------------------------------------------------------------
