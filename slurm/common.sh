@@ -28,6 +28,24 @@
 # resumes from the newest complete checkpoint. SIGTERM (preemption) takes the same path. A signal that
 # reaches only the batch shell (`--signal=B:USR1@T`, `scancel --batch`) is forwarded to the training step.
 #
+# Node ranges: `sbatch --nodes=6-8 slurm/X.sh ...` (any script) lets Slurm start the job on as many nodes of
+# the range as it can without waiting, and restart a requeued job on whatever part of the range is free then.
+# Nothing here assumes the #SBATCH node count: srun starts the tasks of the allocation the job got
+# (SLURM_NTASKS = SLURM_JOB_NUM_NODES x SLURM_NTASKS_PER_NODE, set by Slurm), and each rank reads its rank,
+# the world size and the master node from its srun step (launch/distributed.py). The run resumes its newest
+# checkpoint on the new world with the same global batch G (pretrain/elastic.py: grad_accum =
+# G / (micro_batch x world), logged as "resumed step N from world A onto world B, grad_accum x -> y").
+# Set train.global_batch with a range (e.g. 4096 for the ViL-B 21K recipe: 8 nodes x 8 GPUs x 64), or the
+# first allocation's size fixes G.
+# A size that cannot give G is refused before anything is written: exit 2, the job fails and is not
+# requeued. So choose a range whose sizes all give G (micro 64 x 8 GPUs, G 4096: --nodes=4-8 runs on 4 or 8
+# nodes and fails on 5-7; Slurm >= 23.02 also takes a list, --nodes=4,8, untested here: the test cluster
+# runs 22.05). Two Slurm rules, measured on 22.05: a range job gets at most min x tasks-per-node nodes
+# (Slurm sets its task count to that), so with 1 task per node a range never grows past its minimum; and a
+# requeued job keeps the task count of its last allocation, so it would wait for that many nodes again:
+# hvp_requeue lowers it after requeueing (tests/test_slurm_elastic.py: 2 nodes, requeue, 1 node).
+# The scripts' defaults stay fixed node counts: a range only works with a G chosen for all its sizes.
+#
 # One live job per run directory: RUN_DIR/.slurm-job.lock names the job holding it (see launch/slurm.py);
 # a second job on the same run dir exits 3 without touching it. Exit codes: training's own (0 finished,
 # 2 bad config, 1 failure), 85 when a requeue was wanted but `scontrol requeue` failed, 3 run dir locked.
@@ -35,6 +53,25 @@
 EXIT_REQUEUE=85
 
 hvp_log() { printf '[%s %s] %s\n' "$(date -u +%FT%TZ)" "${SLURM_JOB_ID:-nojob}" "$*" >&2; }
+
+# `scontrol requeue` this job, then undo the task count Slurm pinned to this allocation (nodes x tasks per
+# node), which would make the requeued job wait for as many nodes as it has now. max(nodes, tasks per node)
+# lies within what every size of the submitted range allows: >= the minimum node count (this allocation is
+# at least that), and <= minimum x tasks per node (Slurm's cap on the allocation, so this one is below it).
+# For a fixed node count it changes nothing Slurm uses: the allocation again gets nodes x tasks per node
+# (both measured on 22.05). A requeue Slurm does by itself (node failure) does not come through here.
+hvp_requeue() {
+    scontrol requeue "$SLURM_JOB_ID" || return 1
+    local nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}} tpn=${SLURM_NTASKS_PER_NODE:-}
+    [[ "$tpn" =~ ^[0-9]+$ && "$nodes" =~ ^[0-9]+$ && $nodes -gt 1 ]] || return 0
+    local tasks=$(( nodes > tpn ? nodes : tpn ))
+    if scontrol update JobId="$SLURM_JOB_ID" NumTasks="$tasks"; then
+        hvp_log "requeued job's task count set to $tasks: it may restart on fewer than $nodes nodes (--nodes=min-max)"
+    else
+        hvp_log "could not lower the requeued job's task count: it restarts only on $nodes nodes or more"
+    fi
+    return 0
+}
 
 hvp_main() {
     set -uo pipefail
@@ -77,7 +114,7 @@ hvp_main() {
     hvp_log "resolved config:"
     if ! "${cmd[@]}" --print-config; then
         trap '' TERM
-        if [[ -n "$signalled" ]] && scontrol requeue "$SLURM_JOB_ID"; then  # killed by the signal, not the config
+        if [[ -n "$signalled" ]] && hvp_requeue; then  # killed by the signal, not the config
             hvp_log "signalled before training started; requeued job $SLURM_JOB_ID"
             return 0
         fi
@@ -96,7 +133,8 @@ hvp_main() {
     # shellcheck disable=SC2206
     [[ -n "${HVP_SRUN_ARGS:-}" ]] && srun_args+=($HVP_SRUN_ARGS)
     hvp_log "job $SLURM_JOB_ID (${SLURM_JOB_NAME}) restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}:" \
-            "${SLURM_NNODES:-?} nodes x ${SLURM_NTASKS_PER_NODE:-?} tasks; run dir $run_dir"
+            "${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-?}} nodes x ${SLURM_NTASKS_PER_NODE:-?} tasks" \
+            "(world ${SLURM_NTASKS:-?}); run dir $run_dir"
     hvp_log "srun ${srun_args[*]} ${cmd[*]}"
 
     srun "${srun_args[@]}" "${cmd[@]}" &
@@ -117,7 +155,7 @@ hvp_main() {
     # while the engine's handler was not installed, before training or after it) or a signal seen by the
     # batch shell with a failed step also requeues: the job resumes from its newest complete checkpoint.
     if [[ $rc -eq $EXIT_REQUEUE || $rc -eq 138 || $rc -eq 143 || ( -n "$signalled" && $rc -ne 0 ) ]]; then
-        if [[ "${HVP_REQUEUE:-1}" == 1 ]] && scontrol requeue "$SLURM_JOB_ID"; then
+        if [[ "${HVP_REQUEUE:-1}" == 1 ]] && hvp_requeue; then
             hvp_log "requeued job $SLURM_JOB_ID (it resumes from the newest checkpoint in $run_dir)"
             return 0  # the lock stays with this job id: the requeued run takes it back
         fi

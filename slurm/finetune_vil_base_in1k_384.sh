@@ -5,6 +5,9 @@
 # layouts derive grad_accum, e.g. --nodes=2 train.micro_batch=32; one that cannot give 512 is refused),
 # 24 h, requeued on the time limit/preemption and resumed from
 # $RUNS_ROOT/$SLURM_JOB_NAME (= runs/vil_base_in1k_384).
+# A node range works too (slurm/common.sh, "Node ranges"): `sbatch --nodes=1-2 slurm/finetune_vil_base_in1k_384.sh
+# train.micro_batch=32` starts on 2 nodes when both are free (grad_accum 1), else on 1 (grad_accum 2), and a
+# requeued run continues on whichever it gets. The default stays one fixed node.
 #
 # Site values: export SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_QOS ... before sbatch; paths and the
 # Python environment: see slurm/common.sh. This script's inputs:

@@ -10,6 +10,11 @@
 # Command-line sbatch options override the directives below, e.g. a 2-node CPU test:
 #   sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 --time=10 \
 #       slurm/pretrain_vil_base_in21k.sh "data.train=demo_data#train" "data.eval=demo_data#val" model.name=vil_tiny_rpb_224
+# A node range works too (slurm/common.sh, "Node ranges"): Slurm starts (and restarts a requeued job) on as many
+# nodes of the range as are free, and the run keeps its global batch on any of them, e.g.
+#   sbatch --nodes=4-8 slurm/pretrain_vil_base_in21k.sh train.global_batch=4096
+# runs on 8 nodes (grad_accum 1) or 4 (grad_accum 2) and refuses 5-7 (exit 2: 4096 = 64 x 8 x 5..7 x k has no
+# integer k). The default stays --nodes=8: the recipe's batch is 8 x 8 x 64, and a range needs G chosen for it.
 #
 #SBATCH --job-name=vil_base_in21k
 #SBATCH --nodes=8

@@ -4,7 +4,8 @@
 # finetune/configs/* -> finetune; HVP_ENTRY overrides). Run dir: $RUNS_ROOT/RUN_NAME unless run.dir=...
 # Site values and paths: see slurm/common.sh. The directives are a modest default (1 node x 8 GPUs);
 # override them on the command line, e.g. `sbatch -J demo --nodes=2 --ntasks-per-node=1 --gpus-per-node=0
-# slurm/train.sh pretrain/configs/demo.yaml data.train=...`.
+# slurm/train.sh pretrain/configs/demo.yaml data.train=...`. A node range (`--nodes=6-8`) works with every
+# recipe; set train.global_batch with it (slurm/common.sh, "Node ranges").
 #
 #SBATCH --job-name=train
 #SBATCH --nodes=1
