@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # README's main command: the embedded default, end to end on a CPU machine (2 processes, gloo).
 #   1. generate class-structured demo images and convert them to WebDataset shards (demo_data/)
-#   2. pretrain ViL-Tiny-RPB at 128 px, DeepSpeed ZeRO-2, precision auto, evaluate -> runs/demo/
-#   3. finetune it at 192 px (windows/bias tables resized by the checkpoint filter) -> runs/demo_finetune/
+#   2. pretrain ViL-Tiny-RPB at 96 px, DeepSpeed ZeRO-2, precision auto, evaluate -> runs/demo/
+#   3. finetune it at 128 px (windows/bias tables resized by the checkpoint filter) -> runs/demo_finetune/
 #   4. export the finetuned weights: timm, the ViL release layout, its detectron2 layout -> runs/demo_finetune/exports/
 # Re-running resumes/skips finished parts (the run directories hold their checkpoints).
 set -euo pipefail
@@ -17,11 +17,11 @@ start=$(date +%s)
 echo "== 1/4 demo data"
 [[ -f demo_data/manifest.json ]] || "$PY" -m data.demo --out demo_data --classes 10 --per-class 300 --size 160
 
-echo "== 2/4 pretrain (ViL-Tiny-RPB @128, ${NPROC} processes, ZeRO-2, precision auto: bf16 where native, else fp32)"
+echo "== 2/4 pretrain (ViL-Tiny-RPB @96, ${NPROC} processes, ZeRO-2, precision auto: bf16 where native, else fp32)"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m pretrain \
     --config pretrain/configs/demo.yaml "$@"
 
-echo "== 3/4 finetune at 192 px"
+echo "== 3/4 finetune at 128 px"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m finetune \
     --config finetune/configs/demo_finetune.yaml
 

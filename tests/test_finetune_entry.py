@@ -63,7 +63,7 @@ def test_cli_print_config_and_errors(weights, capsys, monkeypatch):
     fake.train = lambda cfg: seen.setdefault("cfg", cfg) and 0
     monkeypatch.setitem(sys.modules, "pretrain.trainer", fake)
     assert main(["--config", recipe, f"init={weights}"]) == 0
-    assert seen["cfg"].finetune.init == str(weights) and seen["cfg"].model.img_size == 192
+    assert seen["cfg"].finetune.init == str(weights) and seen["cfg"].model.img_size == 128
 
 
 @pytest.fixture(scope="module")
