@@ -22,6 +22,15 @@ def args_for(shards, run_dir, *extra):
             f"data.eval={shards}#val", *TINY, *extra]
 
 
+def precision_args(precision: str) -> list[str]:
+    """bf16 runs use ViL-Tiny with one block per stage: on CPUs without AVX512-BF16/AMX (CI's may be AVX2-only)
+    PyTorch emulates bf16 about 8x slower than fp32, and the engine's bf16 paths (DeepSpeed's bf16 optimizer,
+    ZeRO partitions of bf16 weights with fp32 masters) do not depend on the depth."""
+    if precision == "bf16":
+        return ["precision=bf16", "model.kwargs={depths: [1, 1, 1, 1]}"]
+    return [f"precision={precision}"]
+
+
 @pytest.fixture(scope="module")
 def reference(shards, tmp_path_factory):
     """Uninterrupted runs, one per (stage, precision) used below: step -> loss."""
@@ -31,7 +40,7 @@ def reference(shards, tmp_path_factory):
         key = (stage, precision, steps)
         if key not in cache:
             run = tmp_path_factory.mktemp(f"ref{stage}{precision}")
-            run_ranks(args_for(shards, run, f"deepspeed.zero_stage={stage}", f"precision={precision}",
+            run_ranks(args_for(shards, run, f"deepspeed.zero_stage={stage}", *precision_args(precision),
                                f"train.max_steps={steps}", "checkpoint.every_steps=2"))
             cache[key] = (run, step_losses(run))
         return cache[key]
@@ -48,7 +57,7 @@ def test_kill9_restart_is_bit_exact(shards, reference, tmp_path, stage, precisio
     ref_dir, ref = reference(stage, precision)
     assert sorted(ref) == list(range(1, 9)) and all(v == v for v in ref.values())
     run = tmp_path / "run"
-    common = args_for(shards, run, f"deepspeed.zero_stage={stage}", f"precision={precision}",
+    common = args_for(shards, run, f"deepspeed.zero_stage={stage}", *precision_args(precision),
                       "train.max_steps=8", "checkpoint.every_steps=2")
     ranks = Ranks(common)
     wait_for_steps(run, 5, ranks)  # mid-epoch, past the checkpoint at step 4
@@ -65,7 +74,7 @@ def test_other_stages_save_load_exact(shards, reference, tmp_path, stage):
     """ZeRO 0 and 2 (bf16) by save/load: a planned stop at step 4 (train.stop_at_step), then resume."""
     _, ref = reference(stage, "bf16")
     run = tmp_path / "run"
-    base = args_for(shards, run, f"deepspeed.zero_stage={stage}", "precision=bf16", "checkpoint.every_steps=100",
+    base = args_for(shards, run, f"deepspeed.zero_stage={stage}", *precision_args("bf16"), "checkpoint.every_steps=100",
                     "train.max_steps=8")
     run_ranks(base + ["train.stop_at_step=4"])
     assert latest_complete(run / "checkpoints") == "step_00000004"
@@ -118,7 +127,7 @@ def test_signal_checkpoints_and_exits_for_requeue(shards, reference, tmp_path):
 
     ref_dir, ref = reference(3, "bf16")
     run = tmp_path / "run"
-    common = args_for(shards, run, "deepspeed.zero_stage=3", "precision=bf16", "train.max_steps=8",
+    common = args_for(shards, run, "deepspeed.zero_stage=3", *precision_args("bf16"), "train.max_steps=8",
                       "checkpoint.every_steps=100")
     ranks = Ranks(common)
     wait_for_steps(run, 3, ranks)
@@ -150,7 +159,7 @@ def test_crash_during_checkpoint_write_keeps_previous(shards, reference, tmp_pat
 
 def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path):
     run = tmp_path / "skip"
-    base = args_for(shards, run, "deepspeed.zero_stage=2", "precision=bf16", "checkpoint.every_steps=2")
+    base = args_for(shards, run, "deepspeed.zero_stage=2", *precision_args("bf16"), "checkpoint.every_steps=2")
     run_ranks(base + ["train.max_steps=4"], env={"HVP_FAULT_NAN_STEPS": "3"})
     losses = step_losses(run)
     assert sorted(losses) == [1, 2, 3, 4] and all(v == v for v in losses.values())
@@ -160,7 +169,7 @@ def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path):
     assert max(e.value for e in ea.Scalars("train/skipped_steps")) == 1
 
     run2 = tmp_path / "stop"
-    base2 = args_for(shards, run2, "deepspeed.zero_stage=2", "precision=bf16", "checkpoint.every_steps=2",
+    base2 = args_for(shards, run2, "deepspeed.zero_stage=2", *precision_args("bf16"), "checkpoint.every_steps=2",
                      "train.max_nonfinite=3", "train.max_steps=8")
     r = run_ranks(base2, env={"HVP_FAULT_NAN_STEPS": "3,4,5,6,7,8"}, expect=1)
     assert "non-finite losses in a row" in r.output(0)
@@ -171,7 +180,7 @@ def test_world_size_change_fails_clearly_before_touching(shards, tmp_path):
     """Another world size resumes (tests/test_elastic.py) when it can keep the global batch (here 2 x 8 = 16);
     1 process with micro_batch 3 cannot: refused with one line, nothing touched."""
     run = tmp_path / "run"
-    base = args_for(shards, run, "deepspeed.zero_stage=2", "precision=bf16", "checkpoint.every_steps=2")
+    base = args_for(shards, run, "deepspeed.zero_stage=2", *precision_args("bf16"), "checkpoint.every_steps=2")
     run_ranks(base + ["train.max_steps=2"])
     before = sorted(p.name for p in (run / "checkpoints").rglob("*"))
     r = run_ranks(base + ["train.max_steps=4", "train.micro_batch=3"], nproc=1, expect=2)
