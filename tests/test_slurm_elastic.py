@@ -25,7 +25,7 @@ import time
 import pytest
 
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
-from test_slurm import ROOT, SCRIPT, Run, demo_data, tiny_overrides  # noqa: F401  (demo_data: fixture)
+from test_slurm import ROOT, SCRIPT, Run, _wait_done, demo_data, tiny_overrides  # noqa: F401  (demo_data: fixture)
 
 pytestmark = pytest.mark.cluster
 
@@ -51,13 +51,6 @@ def submit(cluster, base, name, data, nodes, *extra) -> Run:
     return run
 
 
-def wait_completed(cluster, run: Run, timeout: float) -> dict:
-    state = cluster.wait_job(run.job_id, timeout=timeout)
-    info = cluster.job_info(run.job_id)
-    assert state == "COMPLETED" and info["ExitCode"] == "0:0", f"{run.name}: {state} {info}\n{run.log_text()[-5000:]}"
-    return info
-
-
 def test_requeued_job_continues_on_fewer_nodes(slurm_cluster, demo_data, tmp_path):  # noqa: F811
     cluster = slurm_cluster
     ela = submit(cluster, tmp_path, "ela", demo_data, "1-2")
@@ -75,12 +68,13 @@ def test_requeued_job_continues_on_fewer_nodes(slurm_cluster, demo_data, tmp_pat
                          jobid=ela.job_id)
         cluster.run(["scontrol", "update", "nodename=node2", "state=resume"])  # back for other tests at once
         drained = False
-        info = wait_completed(cluster, ela, timeout=300)
-        wait_completed(cluster, ref, timeout=300)
+        info = _wait_done(cluster, ela, timeout=300)
+        ref_info = _wait_done(cluster, ref, timeout=300)
     finally:
         if drained:
             cluster.run(["scontrol", "update", "nodename=node2", "state=resume"], check=False)
 
+    assert info["ExitCode"] == ref_info["ExitCode"] == "0:0", (info, ref_info)
     text = ela.log_text()
     assert int(info.get("Restarts", 0)) == 1 and info["NumNodes"] == "1", info
     assert "restart 0 on node[1-2]: 2 nodes x 2 tasks (world 4)" in text, text[-5000:]
