@@ -15,7 +15,8 @@ Suite (one variant per family, ViL-S and ViL-B included)::
     python -m models.bench --suite [--batch 8 --size 224 --reps 3 --models ... --json out.json]
 
 prints per model eager vs compiled fwd+bwd images/s side by side (alternating rounds), peak memory of
-each, the compiled/eager ratio and, on CUDA, MFU; for ViL also FlexAttention vs the default sliding-chunk
+each, the compiled/eager ratio, the graphs and graph breaks Dynamo captures (``torch._dynamo.explain``)
+and, on CUDA, MFU; for ViL also FlexAttention vs the default sliding-chunk
 attention (CUDA: compiled fwd+bwd; CPU: forward only, torch 2.13 has no FlexAttention backward on CPU).
 
 ViL attention micro-benchmark (stage-1 shape of ViL-Small: C=96, 3 heads, chunk 7, 1 global token)::
@@ -191,6 +192,26 @@ def bench_model(args) -> None:
                   flush=True)
 
 
+def dynamo_graphs(model, x) -> dict:
+    """What ``torch.compile`` captures of ``model(x)``: graph count, graph breaks and their reasons.
+
+    ``torch._dynamo.explain`` traces without generating code (seconds, not inductor's minutes). One graph
+    and no break is what each family's forward must give: a break splits the step into graphs that
+    inductor cannot fuse across and runs Python in between.
+    """
+    import warnings
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ex = torch._dynamo.explain(model)(x)
+    torch._dynamo.reset()
+    return {"graphs": ex.graph_count, "graph_breaks": ex.graph_break_count,
+            "break_reasons": [b.reason for b in ex.break_reasons],
+            "dynamo_warnings": sorted({str(w.message).split(". ")[0] for w in caught if "Dynamo" in str(w.message)}),
+            "ops": ex.op_count, "graph_modules": ex.graphs}
+
+
 def bench_suite(args) -> list:
     """Per family (``--models``, default :data:`SUITE`): eager vs compiled fwd+bwd, and for ViL flex vs chunk.
 
@@ -216,11 +237,13 @@ def bench_suite(args) -> list:
         macs = count_macs(model, size)
         x = torch.randn(args.batch, 3, size, size, device=device)
         model.train()
+        graphs = dynamo_graphs(model, x)
         res = _side_by_side({"eager": _model_fns(model, x, dtype, True),
                              "compiled": _model_fns(torch.compile(model, backend=args.backend), x, dtype, True)},
                             args.reps, device)
         row = {"model": name, "size": size, "batch": args.batch, "device": _device_name(device), "dtype": args.dtype,
-               "macs_per_image": macs, "threads": torch.get_num_threads()}
+               "macs_per_image": macs, "threads": torch.get_num_threads(),
+               "graphs": graphs["graphs"], "graph_breaks": graphs["graph_breaks"]}
         for k, r in res.items():
             row[f"{k}_img_s"] = args.batch / r["min_s"]
             row[f"{k}_peak_mib"] = r["peak_mib"]
@@ -230,7 +253,8 @@ def bench_suite(args) -> list:
         row["compiled_over_eager"] = res["eager"]["min_s"] / res["compiled"]["min_s"]
         line = (f"  {name:26s} fwd+bwd eager {row['eager_img_s']:7.1f} img/s ({row['eager_peak_mib']:.0f} MiB)  "
                 f"compiled {row['compiled_img_s']:7.1f} img/s ({row['compiled_peak_mib']:.0f} MiB)  "
-                f"compiled/eager {row['compiled_over_eager']:.2f}x")
+                f"compiled/eager {row['compiled_over_eager']:.2f}x  "
+                f"dynamo graphs {graphs['graphs']}, breaks {graphs['graph_breaks']}")
         if device.type == "cuda":
             line += f"  MFU eager {row['eager_mfu_pct']:.1f} % compiled {row['compiled_mfu_pct']:.1f} %"
         print(line, flush=True)

@@ -158,6 +158,20 @@ def _additive_mask(nx, ny, w, g, chunks, device, dtype):
     return torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill_(~valid, float("-inf"))
 
 
+# Under torch.compile, Dynamo ignores ``lru_cache`` and traces the builders above into the graph, so the
+# compiled step would rebuild the gather indices and masks in every layer and every step.
+# ``assume_constant_result`` makes Dynamo call them once while tracing and hold their tensors as graph
+# constants (they depend only on the Python ints/tuples/strings they are called with).
+@torch.compiler.assume_constant_result
+def _chunk_layout(nx: int, ny: int, w: int, g: int, chunks: tuple[int, ...], device: str):
+    return _chunk_indices(nx, ny, w, g, chunks, device)
+
+
+@torch.compiler.assume_constant_result
+def _chunk_mask(nx: int, ny: int, w: int, g: int, chunks: tuple[int, ...], device: str, dtype: torch.dtype):
+    return _additive_mask(nx, ny, w, g, chunks, device, dtype)
+
+
 class _ChunkAttention(torch.autograd.Function):
     """Chunked softmax attention whose backward re-gathers the keys/values instead of saving them.
 
@@ -244,10 +258,10 @@ def sliding_chunk_attention(
     g = num_global
     chunks = mode_chunks(mode)
     w2 = w * w
-    q_idx, k_idx, inv_idx, _ = _chunk_indices(nx, ny, w, g, chunks, str(q.device))
+    q_idx, k_idx, inv_idx, _ = _chunk_layout(nx, ny, w, g, chunks, str(q.device))
     nch = q_idx.numel() // w2
     kn = k_idx.numel() // nch
-    mask = _additive_mask(nx, ny, w, g, chunks, q.device, q.dtype).view(1, nch, 1, kn)
+    mask = _chunk_mask(nx, ny, w, g, chunks, str(q.device), q.dtype).view(1, nch, 1, kn)
     if rel_bias is not None:
         if mode != 0:
             rel_bias = torch.cat([rel_bias[..., c * w2:(c + 1) * w2] for c in chunks], dim=-1)
