@@ -311,8 +311,11 @@ def _device_name(device) -> str:
 
 # ----------------------------------------------------------------------------------------- ViL attention
 
-def _release_style_local(q, k, v, nx, ny, w, g, scale, rel_bias, l2g_bias, mode=0):
-    """Release algorithm (SlidingChunk2D with autograd): 9 rolled einsums, cyclic rolls + zero-chunk mask."""
+def _release_style_local(q, k, v, nx, ny, w, g, scale, rel_bias, l2g_bias, mode=0, layout=None):
+    """Release algorithm (SlidingChunk2D with autograd): 9 rolled einsums, cyclic rolls + zero-chunk mask.
+
+    Same signature as ``sliding_chunk_attention`` (the benchmark swaps it in); ``layout`` is unused here.
+    """
     from models.layers.longformer2d import CHUNK_OFFSETS, chunk_key_mask
     b, h, _, m = q.shape
     mx, my = -(-nx // w), -(-ny // w)

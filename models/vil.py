@@ -40,7 +40,7 @@ from timm.models._registry import generate_default_cfgs
 from .family import ReleaseLayout, register_family, register_release_layout
 from .layers.checkpoint import unwrap_state_dict
 from .layers.longformer2d import (
-    dense_longformer2d_attention, flex_longformer2d_attention, local_relative_position_index,
+    chunk_layout, dense_longformer2d_attention, flex_longformer2d_attention, local_relative_position_index,
     sliding_chunk_attention, valid_local_pairs,
 )
 from .layers.rel_pos import relative_position_index, resize_rel_pos_table_2d
@@ -138,10 +138,11 @@ class LongformerAttention(nn.Module):
 
     count_release_global_kv = True   # MAC convention of our reported figures (see macs_adjustment)
     IMPLS = ("chunk", "dense", "flex")
+    LAYOUT_BUFFERS = ("chunk_q_idx", "chunk_k_idx", "chunk_inv_idx", "chunk_mask")
 
     def __init__(self, dim: int, num_heads: int, window: int, num_global: int = 1, rpb: bool = True,
                  qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0., mode: int = 0,
-                 impl: str = "chunk"):
+                 impl: str = "chunk", grid_size: Optional[Tuple[int, int]] = None):
         super().__init__()
         assert dim % num_heads == 0
         self.num_heads = num_heads
@@ -165,6 +166,14 @@ class LongformerAttention(nn.Module):
             self.register_buffer("relative_position_index",
                                  local_relative_position_index(window).to(torch.empty(0).device, copy=True),
                                  persistent=False)
+        self.grid_size = tuple(grid_size) if grid_size else None
+        if self.grid_size:
+            # the sliding-chunk layout of the built grid in the full-neighbourhood mode (evaluation, and
+            # training unless random shift is on), held as buffers so that torch.compile takes them as graph
+            # inputs instead of tracing the index builders (other grids and modes build them per call)
+            layout = chunk_layout(*self.grid_size, window, num_global, 0, "cpu")
+            for name, t in zip(self.LAYOUT_BUFFERS, layout):
+                self.register_buffer(name, t.to(torch.empty(0).device), persistent=False)
         self._last_grid = None
 
     @property
@@ -208,8 +217,11 @@ class LongformerAttention(nn.Module):
             if table is not None:
                 w2 = self.window ** 2
                 rel = table[self.relative_position_index.view(-1)].view(w2, 9 * w2, h).permute(2, 0, 1)
+            layout = None
+            if mode == 0 and (nx, ny) == self.grid_size:
+                layout = tuple(getattr(self, name) for name in self.LAYOUT_BUFFERS)
             out_l = sliding_chunk_attention(q[:, :, g:], k, v, nx, ny, self.window, g, self.scale,
-                                            rel, None if g2l is None else g2l[1], mode=mode)
+                                            rel, None if g2l is None else g2l[1], mode=mode, layout=layout)
             if g:
                 bias = None
                 if g2g is not None:
@@ -320,7 +332,8 @@ class ViLStage(nn.Module):
         for i in range(depth):
             if window:
                 attn = LongformerAttention(dim, num_heads, window, num_global, rpb=not ape,
-                                           attn_drop=attn_drop_rate, proj_drop=drop_rate, mode=mode, impl=attn_impl)
+                                           attn_drop=attn_drop_rate, proj_drop=drop_rate, mode=mode, impl=attn_impl,
+                                           grid_size=grid_size)
             else:
                 attn = FullAttention(dim, num_heads, grid_size, num_global, rpb=not ape,
                                      attn_drop=attn_drop_rate, proj_drop=drop_rate)

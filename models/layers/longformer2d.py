@@ -52,7 +52,7 @@ from functools import lru_cache
 import torch
 
 __all__ = [
-    "CHUNK_OFFSETS", "mode_chunks", "local_relative_position_index", "chunk_key_mask",
+    "CHUNK_OFFSETS", "mode_chunks", "local_relative_position_index", "chunk_key_mask", "chunk_layout",
     "sliding_chunk_attention", "dense_longformer2d_attention", "flex_longformer2d_attention",
     "valid_local_pairs",
 ]
@@ -158,18 +158,18 @@ def _additive_mask(nx, ny, w, g, chunks, device, dtype):
     return torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill_(~valid, float("-inf"))
 
 
-# Under torch.compile, Dynamo ignores ``lru_cache`` and traces the builders above into the graph, so the
-# compiled step would rebuild the gather indices and masks in every layer and every step.
-# ``assume_constant_result`` makes Dynamo call them once while tracing and hold their tensors as graph
-# constants (they depend only on the Python ints/tuples/strings they are called with).
-@torch.compiler.assume_constant_result
-def _chunk_layout(nx: int, ny: int, w: int, g: int, chunks: tuple[int, ...], device: str):
-    return _chunk_indices(nx, ny, w, g, chunks, device)
+def chunk_layout(nx: int, ny: int, w: int, num_global: int, mode: int = 0, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """``(q_idx, k_idx, inv_idx, mask)`` of :func:`sliding_chunk_attention` for one grid and mode (copies).
 
-
-@torch.compiler.assume_constant_result
-def _chunk_mask(nx: int, ny: int, w: int, g: int, chunks: tuple[int, ...], device: str, dtype: torch.dtype):
-    return _additive_mask(nx, ny, w, g, chunks, device, dtype)
+    A module that knows its grid registers them as non-persistent buffers and passes them in as
+    ``layout``: under ``torch.compile`` Dynamo ignores ``lru_cache`` and would otherwise trace the
+    builders into the graph, rebuilding the indices in every layer and every step.
+    """
+    chunks = mode_chunks(mode)
+    q_idx, k_idx, inv_idx, _ = _chunk_indices(nx, ny, w, num_global, chunks, str(device))
+    mask = _additive_mask(nx, ny, w, num_global, chunks, torch.device(device), dtype)
+    return q_idx.clone(), k_idx.clone(), inv_idx.clone(), mask.clone()
 
 
 class _ChunkAttention(torch.autograd.Function):
@@ -233,7 +233,7 @@ class _ChunkAttention(torch.autograd.Function):
 def sliding_chunk_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nx: int, ny: int, w: int, num_global: int,
     scale: float, rel_bias: torch.Tensor | None = None, l2g_bias: torch.Tensor | None = None,
-    mode: int = 0,
+    mode: int = 0, layout: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Local-query part of ViL attention, memory linear in tokens.
 
@@ -251,6 +251,7 @@ def sliding_chunk_attention(
         rel_bias: ``[H, w^2, 9 w^2]`` local->local bias for the full neighbourhood (release layout), or None.
         l2g_bias: ``[H, g]`` local->global bias, or None.
         mode: release mode (0 full, -1 own chunk, 1..8 own chunk + one neighbour).
+        layout: :func:`chunk_layout` of this grid and mode, or None (built and cached per shape here).
     Returns:
         ``[B, H, nx*ny, M]``.
     """
@@ -258,10 +259,14 @@ def sliding_chunk_attention(
     g = num_global
     chunks = mode_chunks(mode)
     w2 = w * w
-    q_idx, k_idx, inv_idx, _ = _chunk_layout(nx, ny, w, g, chunks, str(q.device))
+    if layout is None:
+        q_idx, k_idx, inv_idx, _ = _chunk_indices(nx, ny, w, g, chunks, str(q.device))
+        mask = _additive_mask(nx, ny, w, g, chunks, q.device, q.dtype)
+    else:
+        q_idx, k_idx, inv_idx, mask = layout
     nch = q_idx.numel() // w2
     kn = k_idx.numel() // nch
-    mask = _chunk_mask(nx, ny, w, g, chunks, str(q.device), q.dtype).view(1, nch, 1, kn)
+    mask = mask.to(q.dtype).view(1, nch, 1, kn)
     if rel_bias is not None:
         if mode != 0:
             rel_bias = torch.cat([rel_bias[..., c * w2:(c + 1) * w2] for c in chunks], dim=-1)
