@@ -5,7 +5,8 @@ gradient checkpointing, classifier reset, parameter grouping, input-size rules.
 The family files (``tests/test_<family>.py``) keep what only that family has: golden logits against the
 release, checkpoint loading and resolution surgery, parameter/MAC counts, family-specific layers.
 Real compute runs on the smallest variant of each family at small inputs; every variant is trained
-once at its registered size; shapes of every variant are checked on the meta device.
+once at its registered size (the larger ones at 384 in the slow set); shapes of every variant are checked
+on the meta device.
 """
 from __future__ import annotations
 
@@ -41,7 +42,6 @@ class Family:
     final_layout: str = "nchw"       # forward_features output: nchw | nhwc | tokens | msg (one per window)
     head_hidden: int | None = None   # width the classifier reads, when not the last stage's 8C
     crop_mode_384: str = "center"
-    train_384_at_224: bool = False   # no position tables: the *_384 registration also trains at 224
 
     @property
     def names(self) -> list[str]:
@@ -80,11 +80,11 @@ FAMILIES = {
         prefix="restv2_", variants={"tiny": 96, "small": 96, "base": 96, "large": 128},
         small="restv2_tiny_224", small_depth=1 + 2 + 6 + 2, crop_pct={224: 1.0, 384: 1.0}, any_size=True,
         bad_size=(230, 224), bad_size_match="multiples of 32", nwd_exact=frozenset(),
-        crop_mode_384="squash", train_384_at_224=True),   # the release warps to 384x384 without a crop
+        crop_mode_384="squash"),   # the release warps to 384x384 without a crop
     "ms_mlp": Family(
         prefix="ms_mlp_", variants={"tiny": 96, "small": 96, "base": 128},
         small="ms_mlp_tiny_224", small_depth=3 + 3 + 9 + 3, crop_pct={224: 0.875, 384: 1.0}, any_size=True,
-        bad_size=(224, 200), bad_size_match="multiples of 32", nwd_exact=frozenset(), train_384_at_224=True),
+        bad_size=(224, 200), bad_size_match="multiples of 32", nwd_exact=frozenset()),
 }
 FAMILY_IDS = list(FAMILIES)
 SMALL = 96   # input side of the real-compute API tests: MSG needs 4x4 stage-1 windows (its shuffle regions)
@@ -112,28 +112,30 @@ def test_registered_with_release_eval_preprocessing(family):
 
 # ---- build, forward, backward ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family,name", ALL_NAMES, ids=[n for _, n in ALL_NAMES])
+def _train_case(family: str, name: str):
+    """Larger variants at 384 are the long part of this matrix (about 65 s on a 2-core EPYC): they run
+    in the slow set; the default set trains every variant at 224 and each family's smallest at 384."""
+    if name.endswith("_384") and not name.startswith(FAMILIES[family].small[:-4]):
+        return pytest.param(family, name, id=name, marks=pytest.mark.slow)
+    return pytest.param(family, name, id=name)
+
+
+@pytest.mark.parametrize("family,name", [_train_case(f, n) for f, n in ALL_NAMES])
 def test_every_variant_trains_at_its_size(family, name):
     """Each registered variant, built with stochastic depth, trains one step at its registered size and
     every parameter receives a gradient (nothing is built and then left out of the graph).
 
     Families without position tables register the same network twice (only the eval cfg differs): their
-    ``*_384`` model trains for real at 384 and at 224, so the ``*_224`` one runs on the meta device."""
-    fam = FAMILIES[family]
+    ``*_384`` model trains at 384, their ``*_224`` one at 224."""
+    model = timm.create_model(name, drop_path_rate=0.1)
     size = int(name[-3:])
-    device = "meta" if fam.train_384_at_224 and size == 224 else "cpu"
-    with torch.device(device):
-        model = timm.create_model(name, drop_path_rate=0.1)
     assert model.pretrained_cfg["input_size"][-1] == size
     model.train()
-    sizes = (size, 224) if fam.train_384_at_224 and size == 384 else (size,)
-    for s in sizes:
-        model.zero_grad(set_to_none=True)
-        out = model(torch.randn(1, 3, s, s, device=device))
-        assert out.shape == (1, 1000)
-        out.sum().backward()
-        missing = [n for n, p in model.named_parameters() if p.grad is None]
-        assert not missing, missing[:5]
+    out = model(torch.randn(1, 3, size, size))
+    assert out.shape == (1, 1000)
+    out.sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing[:5]
 
 
 @pytest.mark.parametrize("family", ANY_SIZE)
