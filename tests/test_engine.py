@@ -114,7 +114,7 @@ def test_resume_skips_checkpoints_that_do_not_verify(shards, reference, tmp_path
 def test_stages_agree(reference):
     """ZeRO 1, 2 and 3 partition the same computation: fp32 losses agree closely across stages (only the
     order of the gradient reductions differs), bf16 within bf16's rounding. ZeRO-1 and 3 in fp32, 2 and 3
-    in bf16: one run more than the other tests' references (ZeRO-2 is compared in bf16 only)."""
+    in bf16: one run more than the other tests' references (ZeRO-2 fp32: the slow test below)."""
     fp32 = {stage: reference(stage, "fp32")[1] for stage in (1, 3)}
     for k in fp32[1]:
         assert fp32[3][k] == pytest.approx(fp32[1][k], rel=1e-5), k
@@ -122,6 +122,13 @@ def test_stages_agree(reference):
     _, r2 = reference(2, "bf16")
     for k in r3:
         assert r3[k] == pytest.approx(r2[k], rel=2e-2)
+
+
+@pytest.mark.slow  # one more reference run (ZeRO-2 fp32) than the default set needs
+def test_zero2_fp32_agrees_with_zero1(reference):
+    fp32 = {stage: reference(stage, "fp32")[1] for stage in (1, 2)}
+    for k in fp32[1]:
+        assert fp32[2][k] == pytest.approx(fp32[1][k], rel=1e-5), k
 
 
 def test_signal_checkpoints_and_exits_for_requeue(shards, reference, tmp_path):
