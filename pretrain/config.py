@@ -76,6 +76,9 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive non-finite losses before stopping
     stop_at_step: int = 0  # checkpoint and exit 0 after this step (time-sliced jobs); 0 = off
     compile: bool = False  # torch.compile the model inside the DeepSpeed engine (training and evaluation)
+    # torch.compile backend: inductor generates fused kernels; aot_eager traces forward and backward the same
+    # way (AOTAutograd) but runs eager kernels, to check a model's graphs without minutes of code generation
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -175,6 +178,7 @@ CHOICES = {
     "optim.lr_scaling_base": (0, 256, 512),
     "sched.name": ("cosine",),
     "deepspeed.zero_stage": (0, 1, 2, 3),
+    "train.compile_backend": ("inductor", "aot_eager", "eager", "cudagraphs"),
     "deepspeed.offload": ("none", "optimizer", "param", "both"),
     "eval.label_map": ("", "21k-to-1k"),
     "finetune.head": ("keep", "reinit", "map21k"),

@@ -202,7 +202,7 @@ class Trainer:
         if cfg.train.compile:
             # DeepSpeed's own entry: compiles engine.module in place (nn.Module.compile), so the forward of
             # training and evaluation both run the compiled graph; the EMA copy above stays eager.
-            self.engine.compile()
+            self.engine.compile(backend=cfg.train.compile_backend)
         self.macs, self.peak = None, peak_flops(self.device)
         if self.peak:
             from models.measure import count_macs
@@ -281,6 +281,7 @@ class Trainer:
         self.engine.train()
         self._batches = iter(self.train_loader)
         self.scheduler.step_update(s.step)
+        compile_reported = False
         while s.step < self.total_steps:
             result = self.train_step()
             if result is None:  # non-finite loss: step skipped on every rank
@@ -291,6 +292,9 @@ class Trainer:
                     return EXIT_FAILED
                 continue
             self._log_step(result, bar)
+            if self.cfg.train.compile and not compile_reported:
+                _log_compiled_graphs(self.cfg.train.compile_backend)
+                compile_reported = True
             code = self._after_step(result)
             if code is not None:
                 bar.close()
@@ -430,6 +434,15 @@ class Trainer:
             with open(self.run.eval_log, "a") as f:
                 f.write(json.dumps({"step": s.step, **res}) + "\n")
         return res
+
+
+def _log_compiled_graphs(backend: str) -> None:
+    """After the first compiled step: how many graphs Dynamo captured and how many breaks split them (one
+    graph and no break is what every family gives; more means a change brought Python back into the step)."""
+    from torch._dynamo.utils import counters
+
+    log.info("torch.compile (backend %s): %d graph(s), %d graph break(s) after the first step", backend,
+             counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
 
 
 def _all_finite(loss: torch.Tensor) -> bool:

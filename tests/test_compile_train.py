@@ -1,9 +1,12 @@
 """train.compile: the model compiled with torch.compile inside the DeepSpeed engine (2 ranks, gloo, CPU).
 
-Compiled and eager training agree over 20 steps within float32 reordering noise (inductor fuses and
-reorders reductions: measured max relative loss difference ~1e-6 here; the bound is 1e-4), and exact
-resume holds with compile on (bit-identical losses after a planned stop at step 10 and a restart; in the
-slow set, as it needs two more compiled launches).
+Compiled and eager training agree over 20 steps. With inductor (fused, reordered reductions) the measured
+max relative loss difference is ~1e-6; the bound is 1e-4. The default set compiles with ``aot_eager``:
+the same Dynamo capture and AOTAutograd forward/backward graphs inside the engine, run with eager kernels,
+so the engine's compile path is exercised without inductor's C++ code generation (a cold inductor launch
+took 69 s of the 83 s this test took on a 2-core Xeon held to AVX2 kernels). Inductor itself, and exact
+resume with compile on (bit-identical losses after a planned stop at step 10 and a restart), are in the
+slow set.
 """
 from __future__ import annotations
 
@@ -27,18 +30,34 @@ def _args(shards, run, *extra):
 
 @pytest.fixture(scope="module")
 def compiled(shards, tmp_path_factory):
-    """An uninterrupted compiled run: step -> loss."""
-    run = tmp_path_factory.mktemp("compiled")
-    run_ranks(_args(shards, run, "train.compile=true"), timeout=1200)
+    """Uninterrupted compiled runs, one per backend: step -> loss."""
+    cache = {}
+
+    def get(backend):
+        if backend not in cache:
+            run = tmp_path_factory.mktemp(f"compiled_{backend}")
+            r = run_ranks(_args(shards, run, "train.compile=true", f"train.compile_backend={backend}"),
+                          timeout=1200)
+            r.logs[0].seek(0)
+            cache[backend] = (step_losses(run), r.logs[0].read())
+        return cache[backend]
+    return get
+
+
+@pytest.fixture(scope="module")
+def eager(shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("eager")
+    run_ranks(_args(shards, run), timeout=900)
     return step_losses(run)
 
 
-def test_compiled_training_matches_eager(shards, compiled, tmp_path):
-    run_ranks(_args(shards, tmp_path / "eager"), timeout=900)
-    eager = step_losses(tmp_path / "eager")
-    assert sorted(compiled) == list(range(1, 21))
-    worst = max(abs(compiled[s] - eager[s]) / abs(eager[s]) for s in eager)
-    assert worst < 1e-4, (worst, compiled, eager)
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_training_matches_eager(compiled, eager, backend):
+    losses, out = compiled(backend)
+    assert sorted(losses) == list(range(1, 21))
+    assert f"torch.compile (backend {backend}): 1 graph(s), 0 graph break(s)" in out  # the compiled module ran
+    worst = max(abs(losses[s] - eager[s]) / abs(eager[s]) for s in eager)
+    assert worst < 1e-4, (worst, losses, eager)
 
 
 @pytest.mark.slow  # two more compiled launches: inductor compiles in every process (the test with all three
@@ -47,4 +66,11 @@ def test_compiled_training_resumes_exactly(shards, compiled, tmp_path):
     resumed = tmp_path / "resumed"
     run_ranks(_args(shards, resumed, "train.compile=true", "train.stop_at_step=10"), timeout=1200)
     run_ranks(_args(shards, resumed, "train.compile=true"), timeout=1200)
-    assert step_losses(resumed) == compiled
+    assert step_losses(resumed) == compiled("inductor")[0]
+
+
+def test_unknown_compile_backend_is_refused():
+    from pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"config key 'train.compile_backend' must be one of \['inductor'"):
+        load_config(None, ["train.max_steps=1", "train.compile=true", "train.compile_backend=indcutor"])
