@@ -84,16 +84,22 @@ def test_other_stages_save_load_exact(shards, reference, tmp_path, stage):      
     assert step_losses(run) == ref
 
 
-def test_resume_skips_checkpoints_that_do_not_verify(shards, reference, tmp_path):
-    """`latest` names a missing tag, the newest checkpoint has a truncated file, the next one a garbled
-    COMPLETE: resume says why for each, sets them aside as corrupt-*, continues from the newest good one and
-    reproduces the uninterrupted run's losses."""
+def test_crash_in_a_checkpoint_write_and_corrupt_checkpoints_resume_exactly(shards, reference, tmp_path):
+    """One run, two failures. A crash while the step-8 checkpoint is written leaves its folder without a
+    completion record and `latest` on step 6. Then `latest` names a missing tag, the step-6 checkpoint gets
+    a truncated file and the step-4 one a garbled COMPLETE: resume says why for each, sets them aside as
+    corrupt-*, continues from the newest good one (step 2), rewrites steps 4..8 and reproduces the
+    uninterrupted run's losses."""
     _, ref = reference(1, "fp32")
     run = tmp_path / "run"
     base = args_for(shards, run, "deepspeed.zero_stage=1", "precision=fp32", "checkpoint.every_steps=2",
                     "checkpoint.keep=3", "train.max_steps=8")
-    run_ranks(base + ["train.stop_at_step=6"])
+    r = run_ranks(base, env={"HVP_FAULT_CRASH_IN_CKPT": "8"}, expect=None)
+    assert all(c != 0 for c in [p.returncode for p in r.procs])
     ck = run / "checkpoints"
+    assert (ck / "step_00000008").is_dir() and not (ck / "step_00000008" / COMPLETE).exists()
+    assert latest_complete(ck) == "step_00000006"
+    assert (ck / "latest").read_text() == "step_00000006"
     assert complete_tags(ck) == ["step_00000002", "step_00000004", "step_00000006"]
     record = json.loads((ck / "step_00000006" / COMPLETE).read_text())
     assert record["world_size"] == 2 and all(set(v) == {"size", "crc32"} for v in record["files"].values())
@@ -109,6 +115,7 @@ def test_resume_skips_checkpoints_that_do_not_verify(shards, reference, tmp_path
     assert sorted(p.name for p in ck.iterdir() if p.name.startswith("corrupt-")) == [
         "corrupt-step_00000004", "corrupt-step_00000006"]
     assert step_losses(run) == ref
+    assert complete_tags(ck)[-1] == "step_00000008" and (ck / "latest").read_text() == "step_00000008"
 
 
 def test_stages_agree(reference):
@@ -148,22 +155,6 @@ def test_signal_checkpoints_and_exits_for_requeue(shards, reference, tmp_path):
     assert 3 <= stopped_at < 8
     run_ranks(common)
     assert step_losses(run) == ref
-
-
-def test_crash_during_checkpoint_write_keeps_previous(shards, reference, tmp_path):
-    ref_dir, ref = reference(1, "fp32")
-    run = tmp_path / "run"
-    common = args_for(shards, run, "deepspeed.zero_stage=1", "precision=fp32", "train.max_steps=8",
-                      "checkpoint.every_steps=2")
-    r = run_ranks(common, env={"HVP_FAULT_CRASH_IN_CKPT": "4"}, expect=None)
-    assert all(c != 0 for c in [p.returncode for p in r.procs])
-    ckdir = run / "checkpoints"
-    assert (ckdir / "step_00000004").is_dir() and not (ckdir / "step_00000004" / COMPLETE).exists()
-    assert latest_complete(ckdir) == "step_00000002"
-    assert (ckdir / "latest").read_text() == "step_00000002"
-    run_ranks(common)  # resumes from step 2, rewrites step 4, finishes
-    assert step_losses(run) == ref
-    assert complete_tags(ckdir)[-1] == "step_00000008"
 
 
 def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path):
