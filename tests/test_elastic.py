@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -152,12 +153,13 @@ def test_bf16_resume_on_other_world_size(shards, reference, tmp_path):
     assert max(diffs.values()) <= 1e-2, diffs
 
 
-def test_impossible_layout_refused_before_touching(shards, tmp_path):
-    """G = 8 cannot be reached with micro_batch 3 on 1 process: one line naming what works, nothing written."""
+def test_impossible_layout_refused_before_touching(shards, reference, tmp_path):
+    """G = 8 cannot be reached with micro_batch 3 on 1 process: one line naming what works, nothing written
+    (a copy of the ZeRO-2 reference run's directory: 2 processes, checkpoints at steps 6 and 12)."""
     run = tmp_path / "run"
-    run_ranks(args_for(shards, run, 1, "train.max_steps=2", "checkpoint.every_steps=2"))
+    shutil.copytree(reference(2)[0], run)
     before = listing(run)
-    r = run_ranks(args_for(shards, run, 1, "train.max_steps=4", micro=3), nproc=1, expect=2)
+    r = run_ranks(args_for(shards, run, 2, "train.max_steps=16", micro=3), nproc=1, expect=2)
     out = r.output(0)
     line = next(ln for ln in out.splitlines() if "cannot resume" in ln)
     assert "written by 2 processes, global batch 8" in line and "train.micro_batch= one of [1, 2, 4, 8]" in line
