@@ -241,7 +241,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     # ------------------------------------------------------------------------------------- teardown
     def stop(self, timeout: float = 20) -> None:
-        """Cancel this cluster's jobs, then stop the daemons this object started (by pid file), newest first."""
+        """Cancel this cluster's jobs, then stop the daemons this object started (by pid file), all at once."""
         if self.ctld_pid in self.started:
             ids = self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
             if ids:
