@@ -79,11 +79,13 @@ class Ranks:
         for p in self.procs:
             p.wait()
 
-    def output(self, rank: int = 0) -> str:
+    def output(self, rank: int = 0, tail: int | None = 6000) -> str:
+        """The rank's log: its last ``tail`` characters (enough for a failure message), or all of it."""
         f = self.logs[rank]
         f.flush()
         f.seek(0)
-        return f.read()[-6000:]
+        text = f.read()
+        return text[-tail:] if tail else text
 
 
 def run_ranks(args, nproc=2, env=None, timeout=600, expect=0, log_dir=None) -> Ranks:

@@ -38,8 +38,7 @@ def compiled(shards, tmp_path_factory):
             run = tmp_path_factory.mktemp(f"compiled_{backend}")
             r = run_ranks(_args(shards, run, "train.compile=true", f"train.compile_backend={backend}"),
                           timeout=1200)
-            r.logs[0].seek(0)
-            cache[backend] = (step_losses(run), r.logs[0].read())
+            cache[backend] = (step_losses(run), r.output(0, tail=None))
         return cache[backend]
     return get
 

@@ -128,8 +128,7 @@ def test_auto_precision_agreed_and_epoch_evaluation(small_shards, tmp_path):
     import yaml
 
     assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == "fp32"
-    ranks.logs[0].seek(0)
-    out = ranks.logs[0].read()
+    out = ranks.output(0, tail=None)
     assert "precision fp32 (auto: " in out
     if "CPU has" in out or "supports bf16" in out:  # rank 0 alone would have chosen bf16
         assert "another rank of this job has no native bf16" in out
