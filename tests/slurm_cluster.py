@@ -111,8 +111,11 @@ class SlurmCluster:
     """Files and daemons of one local cluster under ``root``; ``env`` is what clients need."""
 
     def __init__(self, root: str | os.PathLike, nodes: int = 2, cred_expire: int = 10,
-                 def_mem_per_cpu: int = 1024, cpus_per_node: int | None = None):
+                 def_mem_per_cpu: int = 1024, cpus_per_node: int | None = None, first_job_id: int = 1):
         self.root = Path(root).resolve()
+        # Job ids give a job's rendezvous port (launch.distributed.port_from_job_id: 20000 + id), so
+        # clusters running side by side on one host (one per pytest-xdist worker) start their ids apart.
+        self.first_job_id = first_job_id
         self.nodes = [f"node{i + 1}" for i in range(nodes)]
         self.cred_expire = cred_expire
         self.def_mem_per_cpu = def_mem_per_cpu
@@ -172,6 +175,7 @@ class SlurmCluster:
 ClusterName=hvptest
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={port}
+FirstJobId={self.first_job_id}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -360,8 +364,10 @@ if pytest is not None:
             if os.environ.get("CI", "").lower() == "true":
                 pytest.fail(f"Slurm cluster tests need the slurm/munge packages (CI=true, not skipping): {e}")
             pytest.skip(f"Slurm/munge packages unavailable and not installable here: {e}")
+        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)  # one cluster per xdist worker
         cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"),
-                               cpus_per_node=int(os.environ.get("HVP_TEST_SLURM_CPUS", "6")))
+                               cpus_per_node=int(os.environ.get("HVP_TEST_SLURM_CPUS", "6")),
+                               first_job_id=1 + 1000 * worker)
         old_conf = os.environ.get("SLURM_CONF")
         try:
             cluster.start()
