@@ -8,9 +8,9 @@ cd "$ROOT"
 # Two pytest-xdist workers, one module at a time each (--dist loadfile: a module's fixtures, such as the
 # engine tests' reference runs and the Slurm cluster, are built once), modules in tests/conftest.py's
 # LONGEST_FIRST order (--no-loadscope-reorder). A serial run leaves about a quarter of 2 cores idle:
-# single-process launches, Slurm scheduling and requeue waits. Measured on a 2-core Xeon held to AVX2 kernels
-# (as on a CPU that emulates bf16): 8 min 20 s vs 9 min 31 s serial; with its native AMX kernels 10 min 37 s
-# vs 9 min 46 s (the concurrent processes cost more CPU time there). HVP_TEST_WORKERS=0 runs serially.
+# single-process launches, Slurm scheduling and requeue waits. The workers win where the suite is slow (CPUs
+# that emulate bf16) and cost a little on AMX CPUs: README gives both modes' measured times.
+# HVP_TEST_WORKERS=0 runs serially.
 # (Not --dist loadgroup: pytest 9.2 ignores the node ids xdist 3.8 rewrites for it, pytest-xdist#1386.)
 WORKERS="${HVP_TEST_WORKERS:-2}"
 XDIST=()
