@@ -8,8 +8,8 @@ cd "$ROOT"
 # Two pytest-xdist workers, one module at a time each (--dist loadfile: a module's fixtures, such as the
 # engine tests' reference runs and the Slurm cluster, are built once), modules in tests/conftest.py's
 # LONGEST_FIRST order (--no-loadscope-reorder). A serial run leaves about a quarter of 2 cores idle:
-# single-process launches, Slurm scheduling and requeue waits. The workers win where the suite is slow (CPUs
-# that emulate bf16) and cost a little on AMX CPUs: README gives both modes' measured times.
+# single-process launches, Slurm scheduling and requeue waits. The workers win with AVX2 kernels (CPUs without
+# AVX-512, where the suite takes longest) and cost a little with AMX ones: README gives both modes' times.
 # HVP_TEST_WORKERS=0 runs serially.
 # (Not --dist loadgroup: pytest 9.2 ignores the node ids xdist 3.8 rewrites for it, pytest-xdist#1386.)
 WORKERS="${HVP_TEST_WORKERS:-2}"
