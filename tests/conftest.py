@@ -34,6 +34,20 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)
 
 
+def pytest_terminal_summary(terminalreporter, config):
+    """Name the CPU next to the suite's time: suite timings are only comparable with the machine named."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import torch
+
+    from pretrain.precision import cpu_model, native_bf16
+
+    native, why = native_bf16(torch.device("cpu"))
+    workers = getattr(config.option, "numprocesses", None) or 0
+    terminalreporter.write_line(f"suite CPU: {cpu_model()}, {os.cpu_count()} cores; bf16 "
+                                f"{'native' if native else 'emulated'} ({why}); xdist workers: {workers}")
+
+
 @pytest.fixture(scope="module")
 def isolated_index_cache(tmp_path_factory):
     """The data index cache inside pytest's temp dir for one module (subprocesses inherit the variable)."""

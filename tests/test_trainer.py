@@ -51,6 +51,14 @@ def test_auto_follows_this_cpu():
     assert here["value"] == ("bf16" if has_bf16 else "fp32")
 
 
+def test_cpu_model_is_lscpus():
+    from pretrain.precision import cpu_model
+
+    r = subprocess.run(["lscpu"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+    names = [line.split(":", 1)[1].strip() for line in r.stdout.splitlines() if line.startswith("Model name")]
+    assert names and cpu_model() == names[0], (names, cpu_model())
+
+
 def test_config_accepts_auto_and_refuses_unknown():
     assert load_config(None, ["train.max_steps=1"]).precision == "auto"
     with pytest.raises(ConfigError, match="precision"):
