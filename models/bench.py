@@ -32,6 +32,7 @@ reference on the same machine) and the dense masked reference (skipped where it 
 from __future__ import annotations
 
 import argparse
+import difflib
 import statistics
 import sys
 import time
@@ -152,6 +153,36 @@ def _mfu(macs: int, batch: int, seconds: float, train: bool, dtype, args) -> flo
     return 2 * macs * batch * (3 if train else 1) / seconds / (peak * 1e12) * 100
 
 
+def _refuse_unusable(names, size, attn_impl=None) -> None:
+    """Exit 2 with one line, before anything is measured, for an unregistered model or one whose own input
+    checks refuse ``size`` or ``attn_impl`` (MSG-Transformer needs multiples of 32 and enough first-stage
+    windows, for example): a suite must not fail on its fifth model after minutes of timing the first four.
+    The check is a batch-1 forward on CPU, only when ``--size`` or ``--attn-impl`` overrides the defaults."""
+    import timm
+
+    import models  # noqa: F401  (registers every family)
+
+    known = set(timm.list_models())
+
+    def close(n):  # names it begins, else the most similar ones
+        return sorted(k for k in known if k.startswith(n))[:4] or difflib.get_close_matches(n, known, 3)
+
+    problems = [f"unknown model {n!r} (close: {', '.join(close(n)) or 'none'})" for n in names if n not in known]
+    if (size or attn_impl) and not problems:
+        kw = {**({"img_size": size} if size else {}), **({"attn_impl": attn_impl} if attn_impl else {})}
+        for name in names:
+            try:
+                model = timm.create_model(name, **kw).eval()
+                side = size or model.pretrained_cfg["input_size"][-1]
+                with torch.no_grad():
+                    model(torch.zeros(1, 3, side, side))
+            except ValueError as e:
+                problems.append(f"{name}{f' at {size} px' if size else ''}: {e}")
+    if problems:
+        print(f"models.bench: nothing measured: {'; '.join(problems)}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def bench_model(args) -> None:
     """One model: forward and fwd+bwd; with ``--compile`` eager and compiled side by side."""
     import timm
@@ -159,9 +190,8 @@ def bench_model(args) -> None:
     import models  # noqa: F401  (registers every family)
     from models.measure import count_macs, count_params
 
+    _refuse_unusable([args.model], args.size, args.attn_impl)
     device, dtype = _setup(args)
-    if args.model not in timm.list_models():
-        sys.exit(f"unknown model {args.model!r}; registered: {', '.join(timm.list_models('*'))[:2000]}")
     kw = {"img_size": args.size} if args.size else {}
     if args.attn_impl:
         kw["attn_impl"] = args.attn_impl
@@ -226,6 +256,7 @@ def bench_suite(args) -> list:
     import models  # noqa: F401
     from models.measure import count_macs
 
+    _refuse_unusable(args.models or SUITE, args.size)
     device, dtype = _setup(args)
     rows = []
     print(f"suite on {_device_name(device)}, {args.dtype}, batch {args.batch}, threads {torch.get_num_threads()}, "
