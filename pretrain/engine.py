@@ -101,9 +101,25 @@ def build_model(cfg: Config, num_classes: int):
         # unknown or mistyped constructor arguments (the families refuse them) and impossible sizes
         raise ConfigError(f"config key 'model.kwargs' / 'model.img_size' for {cfg.model.name}: "
                           f"{str(e).splitlines()[0]}") from None
+    _refuse_input_size(model, cfg.model.name, cfg.model.img_size or model.pretrained_cfg["input_size"][-1])
     if cfg.model.grad_ckpt:
         model.set_grad_checkpointing(True)
     return model
+
+
+def _refuse_input_size(model, name: str, size: int) -> None:
+    """The families check their input geometry in forward (MSG-Transformer: enough first-stage windows for its
+    shuffle), so one image goes through the fresh model here: a size it refuses becomes a config error before
+    the run directory is written, not a traceback at the first step. Eval mode and no_grad: no state, no
+    randomness is used."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.img_size'={size} for {name}: {str(e).splitlines()[0]}") from None
+    finally:
+        model.train()
 
 
 def model_data_cfg(cfg: Config) -> dict:

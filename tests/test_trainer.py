@@ -123,6 +123,21 @@ def test_refused_before_the_run_dir_is_written(small_shards, tmp_path):
         assert not run.exists()
 
 
+def test_size_the_model_refuses_is_a_config_error():
+    """MSG-T takes multiples of 32 but needs 4x4 first-stage windows: 64 px passes the config's stride check
+    and is refused by the model itself, in build_model (before the Trainer writes the run directory: the
+    model.kwargs case above checks that order end to end)."""
+    from pretrain.engine import build_model
+
+    cfg = load_config(None, ["train.max_steps=1", "model.name=msg_transformer_tiny_224", "model.img_size=64"])
+    with pytest.raises(ConfigError, match=r"'model.img_size'=64 for msg_transformer_tiny_224: the first stage has "
+                                          r"3x3 windows, fewer than its shuffle size 4"):
+        build_model(cfg, 8)
+    tiny = build_model(load_config(None, ["train.max_steps=1", "model.name=vil_tiny_rpb_224",
+                                          "model.img_size=64"]), 8)
+    assert all(m.training for m in tiny.modules())  # the check's eval() is undone: drop path still trains
+
+
 def test_auto_precision_agreed_and_epoch_evaluation(small_shards, tmp_path):
     """Rank 1 runs PyTorch's AVX2 kernels (no native bf16): both ranks train fp32 and config.yaml records it.
     eval.every_epoch evaluates at each epoch end as well as after the last step."""
