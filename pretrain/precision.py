@@ -19,26 +19,25 @@ log = logging.getLogger("pretrain")
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (``/proc/cpuinfo``; empty where it does not exist)."""
+def _cpuinfo(key: str) -> str | None:
+    """The first ``key : value`` of ``/proc/cpuinfo`` (None where it or the key does not exist)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), for logs and timings that must name their machine."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == key:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (empty where ``/proc/cpuinfo`` does not exist)."""
+    return set((_cpuinfo("flags") or "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for logs and timings that must name their machine."""
+    return _cpuinfo("model name") or platform.processor() or "unknown CPU"
 
 
 def native_bf16(device: torch.device) -> tuple[bool, str]:
