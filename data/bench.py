@@ -32,6 +32,8 @@ import types
 
 import numpy as np
 
+from .shards import DatasetNotFoundError
+
 
 def make_data(out: str, num: int = 1024, seed: int = 0, workers: int = 2) -> dict:
     """~500x375 natural-ish JPEGs (smooth fields + texture + noise, 60-110 KB) -> shards in ``out``."""
@@ -271,9 +273,14 @@ def main(argv=None) -> int:
         return 0
     if not a.shards:
         p.error("--shards is required")
-    if a.compare:
-        return _print_compare(compare(a.shards, a.workers, a.batch, a.size, a.repeats, a.cold, a.interpolation), a)
-    res = bench(a.shards, a.workers, a.batch, a.size, a.batches, a.randaug, a.interpolation)
+    try:
+        if a.compare:
+            return _print_compare(compare(a.shards, a.workers, a.batch, a.size, a.repeats, a.cold, a.interpolation),
+                                  a)
+        res = bench(a.shards, a.workers, a.batch, a.size, a.batches, a.randaug, a.interpolation)
+    except DatasetNotFoundError as e:
+        print(f"error: --shards: {e}", file=sys.stderr)
+        return 2
     print(f"shards={a.shards} batch={a.batch} size={a.size} workers={a.workers} cpus={os.cpu_count()} "
           f"randaug={a.randaug!r} interpolation={a.interpolation} load={os.getloadavg()[0]:.1f}")
     for k, v in res.items():

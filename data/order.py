@@ -18,6 +18,8 @@ import sys
 import types
 from typing import Dict, Iterator, List
 
+from .shards import DatasetNotFoundError
+
 
 def iter_order(data: str, world_size: int, micro_batch: int, grad_accum: int = 1, epochs: int = 1,
                pipeline: str = "dali", seed: int = 0, start_epoch: int = 0, img_size: int = 32,
@@ -68,8 +70,12 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", required=True, help="output .jsonl")
     a = p.parse_args(argv)
-    recs = collect_order(a.data, a.world_size, a.micro_batch, a.grad_accum, a.epochs, a.pipeline, a.seed,
-                         a.start_epoch, a.img_size, a.workers)
+    try:
+        recs = collect_order(a.data, a.world_size, a.micro_batch, a.grad_accum, a.epochs, a.pipeline, a.seed,
+                             a.start_epoch, a.img_size, a.workers)
+    except DatasetNotFoundError as e:
+        print(f"error: --data: {e}", file=sys.stderr)
+        return 2
     with open(a.out, "w") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")

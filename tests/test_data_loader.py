@@ -270,6 +270,9 @@ def test_bench_smoke(small_data, tmp_path, capsys):
     assert main(["--shards", small_data, "--workers", "1", "--batch", "8", "--size", "32", "--batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "DALI CPU train" in out and "torch fallback train" in out and "decode-only" in out
+    assert main(["--shards", str(tmp_path / "nope"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --shards: "), err
     from data.bench import compare
     res = compare(small_data, 1, 8, 32, repeats=1)
     assert res["num_samples"] == 96

@@ -179,6 +179,16 @@ def test_resume_on_another_world_size_continues_the_global_order(id_data):
     assert len(straight) == (150 // 16) * 2 and rest == straight[6:]
 
 
+def test_order_cli_refuses_missing_data(tmp_path, capsys):
+    from data.order import main
+
+    out = tmp_path / "order.jsonl"
+    assert main(["--data", str(tmp_path / "nope"), "--world-size", "1", "--micro-batch", "2", "--epochs", "1",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --data: ") and not out.exists(), err
+
+
 def test_order_cli(id_data, tmp_path):
     out = tmp_path / "order.jsonl"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
