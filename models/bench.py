@@ -161,6 +161,7 @@ def _refuse_unusable(names, size, attn_impl=None) -> None:
     import timm
 
     import models  # noqa: F401  (registers every family)
+    from models.measure import forward_zeros
 
     known = set(timm.list_models())
 
@@ -172,10 +173,7 @@ def _refuse_unusable(names, size, attn_impl=None) -> None:
         kw = {**({"img_size": size} if size else {}), **({"attn_impl": attn_impl} if attn_impl else {})}
         for name in names:
             try:
-                model = timm.create_model(name, **kw).eval()
-                side = size or model.pretrained_cfg["input_size"][-1]
-                with torch.no_grad():
-                    model(torch.zeros(1, 3, side, side))
+                forward_zeros(timm.create_model(name, **kw), size)
             except ValueError as e:
                 problems.append(f"{name}{f' at {size} px' if size else ''}: {e}")
     if problems:

@@ -46,27 +46,35 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_macs(model: torch.nn.Module, img_size: int | tuple[int, int] | None = None, batch: int = 1) -> int:
-    """Multiply-accumulates of one forward for ``batch`` images of ``img_size`` (default: model's)."""
+def forward_zeros(model: torch.nn.Module, img_size: int | tuple[int, int] | None = None, batch: int = 1):
+    """One forward of ``batch`` zero images of ``img_size`` (default: the model's) in eval mode, no_grad, on the
+    model's device and dtype, its training mode restored after: what :func:`count_macs` counts, and how a size
+    the model's own input checks refuse (their ``ValueError``) is found before a run or a benchmark starts."""
     if img_size is None:
         img_size = model.pretrained_cfg["input_size"][-2:] if hasattr(model, "pretrained_cfg") else 224
     if isinstance(img_size, int):
         img_size = (img_size, img_size)
     param = next(model.parameters())
-    x = torch.zeros(batch, 3, *img_size, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        return model(torch.zeros(batch, 3, *img_size, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+
+
+def count_macs(model: torch.nn.Module, img_size: int | tuple[int, int] | None = None, batch: int = 1) -> int:
+    """Multiply-accumulates of one forward for ``batch`` images of ``img_size`` (default: model's)."""
     adjustments = []
 
     def _hook(module, args, _out):
         adjustments.append(module.macs_adjustment(tuple(args[0].shape)))
 
     handles = [m.register_forward_hook(_hook) for m in model.modules() if hasattr(m, "macs_adjustment")]
-    was_training = model.training
-    model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            model(x)
+            forward_zeros(model, img_size, batch)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return counter.get_total_flops() // 2 + int(sum(adjustments))

@@ -112,14 +112,12 @@ def _refuse_input_size(model, name: str, size: int) -> None:
     shuffle), so one image goes through the fresh model here: a size it refuses becomes a config error before
     the run directory is written, not a traceback at the first step. Eval mode and no_grad: no state, no
     randomness is used."""
-    model.eval()
+    from models.measure import forward_zeros
+
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, size, size))
+        forward_zeros(model, size)
     except ValueError as e:
         raise ConfigError(f"config key 'model.img_size'={size} for {name}: {str(e).splitlines()[0]}") from None
-    finally:
-        model.train()
 
 
 def model_data_cfg(cfg: Config) -> dict:
