@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,8 +43,123 @@ def clean_env(extra: dict | None = None) -> dict:
     return env
 
 
+# Read at run time, never at import (or not at all: pytest's per-test marker): they may differ between a
+# rank and the zygote it is forked from.
+RUNTIME_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "HVP_FAULT_NAN_STEPS", "HVP_FAULT_CRASH_IN_CKPT", "HVP_DATA_CACHE", "PYTEST_CURRENT_TEST",
+               "HVP_TEST_FRESH_RANKS"}
+
+
+def _import_env(env: dict) -> dict:
+    """The part of an environment that an interpreter may read while it imports."""
+    return {k: v for k, v in env.items() if k not in RUNTIME_ENV}
+
+
+class ForkedRank:
+    """The :class:`subprocess.Popen` surface the tests use, for a rank that a zygote forked."""
+
+    def __init__(self, zygote: "Zygote", pid: int):
+        self.zygote, self.pid, self.returncode = zygote, pid, None
+
+    def poll(self):
+        with self.zygote.cond:
+            self.returncode = self.zygote.codes.get(self.pid)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        with self.zygote.cond:
+            if not self.zygote.cond.wait_for(lambda: self.pid in self.zygote.codes or self.zygote.dead,
+                                             timeout):
+                raise subprocess.TimeoutExpired(f"rank pid {self.pid}", timeout)
+            if self.pid not in self.zygote.codes:
+                raise RuntimeError(f"the zygote that forked rank pid {self.pid} died")
+            self.returncode = self.zygote.codes[self.pid]
+        return self.returncode
+
+    def send_signal(self, sig) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Zygote:
+    """A ``tests/rank_zygote.py`` server: one interpreter with the stack imported that forks ranks."""
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.cond = threading.Condition()
+        self.codes: dict[int, int] = {}
+        self.pids: list[int] = []
+        self.ready = self.dead = False
+        self.lock = threading.Lock()
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "rank_zygote.py")], cwd=ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            with self.cond:
+                if "exit" in msg:
+                    self.codes[msg["exit"]] = msg["code"]
+                elif "pid" in msg:
+                    self.pids.append(msg["pid"])
+                else:
+                    self.ready = True
+                self.cond.notify_all()
+        with self.cond:
+            self.dead = True
+            self.cond.notify_all()
+
+    def spawn(self, module: str, args: list[str], env: dict, log_path: Path) -> ForkedRank:
+        with self.lock, self.cond:
+            if not self.cond.wait_for(lambda: self.ready or self.dead, 300) or self.dead:
+                self.stderr.seek(0)
+                raise RuntimeError("rank zygote did not start:\n" + self.stderr.read().decode()[-4000:])
+            n = len(self.pids)
+            req = {"module": module, "args": args, "env": env, "cwd": str(ROOT), "log": str(log_path)}
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            self.proc.stdin.flush()
+            self.cond.wait_for(lambda: len(self.pids) > n or self.dead, 60)
+            if len(self.pids) <= n:
+                raise RuntimeError("rank zygote did not fork")
+            return ForkedRank(self, self.pids[n])
+
+
+ZYGOTE_RANKS = 2
+_ZYGOTES: dict[int, Zygote] = {}
+
+
+def launch_rank(module: str, args: list[str], env: dict, rank: int, log) -> subprocess.Popen | ForkedRank:
+    """Start one rank: forked from the zygote for its rank index when the environment allows, else fresh.
+
+    One zygote per rank index, so that the ranks of a job come from different interpreters (different hash
+    seeds, as separately started processes have). Only ranks 0 and 1 have one: a zygote costs a rank's
+    imports, and the few runs with more ranks would not win them back. ``HVP_TEST_FRESH_RANKS=1`` starts
+    every rank fresh.
+    """
+    base = clean_env()
+    if (os.environ.get("HVP_TEST_FRESH_RANKS") == "1" or rank >= ZYGOTE_RANKS
+            or _import_env(env) != _import_env(base)):
+        return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    z = _ZYGOTES.get(rank)
+    if z is None or z.dead or _import_env(z.env) != _import_env(base):
+        if z is not None:
+            z.proc.stdin.close()  # it exits at end of input; ranks it forked run on
+        z = _ZYGOTES[rank] = Zygote(base)
+    return z.spawn(module, args, env, Path(log.name))
+
+
 class Ranks:
-    """N real processes of ``python -m <module> ...`` wired as a torchrun-style gloo job."""
+    """N real processes of ``python -m <module> ...`` wired as a torchrun-style gloo job.
+
+    Each rank is its own process. By default it is forked from a pre-imported interpreter
+    (``tests/rank_zygote.py``), which saves the stack's import time per rank (see there).
+    """
 
     def __init__(self, args: list[str], nproc: int = 2, module: str = "pretrain", env: dict | None = None,
                  log_dir: Path | None = None, rank_env: dict[int, dict] | None = None):
@@ -55,8 +172,7 @@ class Ranks:
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(rank_env or {}).get(r, {}))
             log = open((log_dir or Path("/tmp")) / f"rank{r}-{port}.log", "w+")
             self.logs.append(log)
-            self.procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=e,
-                                               stdout=log, stderr=subprocess.STDOUT))
+            self.procs.append(launch_rank(module, list(args), e, r, log))
 
     def wait(self, timeout=600) -> list[int]:
         deadline = time.time() + timeout

@@ -1,0 +1,89 @@
+"""A pre-imported interpreter that forks the test suite's training ranks (``python -m pretrain ...``).
+
+Why: a training rank of the suite spends most of its CPU time importing the stack (torch, timm with
+torchvision, DeepSpeed, inductor: about 3.7 CPU-s of 5-7 on a 2-core machine, and the suite starts
+about a hundred of them). This process imports that stack once, then for each request forks a child that
+becomes the rank exactly as ``python -m <module> <args>`` would: the request's environment, working
+directory, argv and log file, the module run as ``__main__`` by :func:`runpy.run_module`, and the
+interpreter's own handling of ``SystemExit`` and uncaught exceptions. The child is a real, separate
+process; only the import work is shared. Environment variables that are read at import time cannot be
+changed per request, so :mod:`tests.engine_utils` starts a rank fresh whenever the request's
+environment differs from this process's in anything but the per-run keys it lists.
+
+Protocol (one JSON object per line): the parent writes ``{"module", "args", "env", "cwd", "log"}`` on
+stdin; this process answers ``{"pid": N}`` after each fork, ``{"exit": N, "code": C}`` when a child ends
+(``C`` as :attr:`subprocess.Popen.returncode` gives it: negative for a signal), and ``{"ready": true}``
+once the imports are done. It ends when stdin closes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import select
+import sys
+
+PRELOAD = ("pretrain.trainer", "finetune.__main__", "deepspeed.runtime.zero.stage_1_and_2",
+           "torch.utils.tensorboard")
+
+
+def become(request: dict, proto_in: int, proto_out: int):
+    """In the forked child: turn into ``python -m <module> <args>`` (never returns to the server loop)."""
+    os.close(proto_in)
+    os.close(proto_out)
+    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.path[0] = request["cwd"]  # what ``python -m`` puts first
+    sys.argv = [request["module"], *request["args"]]
+    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    sys.exit(0)  # the module returned: the interpreter would exit 0 here
+
+
+def serve() -> None:
+    proto_in, proto_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)  # the children's stdout/stderr become their log files; ours stays quiet
+    sys.path[0] = os.getcwd()
+    for name in PRELOAD:
+        __import__(name)
+
+    def send(obj):
+        os.write(proto_out, (json.dumps(obj) + "\n").encode())
+
+    send({"ready": True})
+    buf = b""
+    while True:
+        readable, _, _ = select.select([proto_in], [], [], 0.05)
+        while True:  # reap every child that ended, as their parent must
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+        if not readable:
+            continue
+        chunk = os.read(proto_in, 65536)
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            request = json.loads(line)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                become(request, proto_in, proto_out)
+            send({"pid": pid})
+
+
+if __name__ == "__main__":
+    serve()
