@@ -55,6 +55,15 @@ def _import_env(env: dict) -> dict:
     return {k: v for k, v in env.items() if k not in RUNTIME_ENV}
 
 
+def forkable(env: dict, zygote_env: dict, set_by_imports: dict) -> bool:
+    """Whether a rank started with ``env`` would import exactly what a zygote started with ``zygote_env``
+    did: the same values outside RUNTIME_ENV, except where ``env`` already holds the value that importing
+    the stack sets (``DS_ACCELERATOR=cpu``: the test process has imported the stack and passes it on)."""
+    a, b = _import_env(env), _import_env(zygote_env)
+    return all(a.get(k) == b.get(k) or (k in set_by_imports and a.get(k) == set_by_imports[k])
+               for k in a.keys() | b.keys())
+
+
 class ForkedRank:
     """The :class:`subprocess.Popen` surface the tests use, for a rank that a zygote forked."""
 
@@ -93,6 +102,7 @@ class Zygote:
         self.codes: dict[int, int] = {}
         self.pids: list[int] = []
         self.ready = self.dead = False
+        self.import_env: dict = {}  # what the zygote's imports added to its environment
         self.lock = threading.Lock()
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "rank_zygote.py")], cwd=ROOT, env=env,
@@ -108,7 +118,7 @@ class Zygote:
                 elif "pid" in msg:
                     self.pids.append(msg["pid"])
                 else:
-                    self.ready = True
+                    self.ready, self.import_env = True, msg["import_env"]
                 self.cond.notify_all()
         with self.cond:
             self.dead = True
@@ -142,12 +152,14 @@ def launch_rank(module: str, args: list[str], env: dict, rank: int, log) -> subp
     every rank fresh.
     """
     base = clean_env()
-    if (os.environ.get("HVP_TEST_FRESH_RANKS") == "1" or rank >= ZYGOTE_RANKS
-            or _import_env(env) != _import_env(base)):
+    if os.environ.get("HVP_TEST_FRESH_RANKS") == "1" or rank >= ZYGOTE_RANKS or not forkable(env, base, {}):
         return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
     z = _ZYGOTES.get(rank)
-    if z is None or z.dead or _import_env(z.env) != _import_env(base):
+    if z is not None:
+        with z.cond:
+            z.cond.wait_for(lambda: z.ready or z.dead, 300)
+    if z is None or z.dead or not forkable(base, z.env, z.import_env):
         if z is not None:
             z.proc.stdin.close()  # it exits at end of input; ranks it forked run on
         z = _ZYGOTES[rank] = Zygote(base)

@@ -4,16 +4,18 @@ Why: a training rank of the suite spends most of its CPU time importing the stac
 torchvision, DeepSpeed, inductor: about 3.7 CPU-s of 5-7 on a 2-core machine, and the suite starts
 about a hundred of them). This process imports that stack once, then for each request forks a child that
 becomes the rank exactly as ``python -m <module> <args>`` would: the request's environment, working
-directory, argv and log file, the module run as ``__main__`` by :func:`runpy.run_module`, and the
+directory, argv and log file (plus the variables that importing the stack sets, such as
+``DS_ACCELERATOR``, as a fresh rank has them once it has imported), the module run as ``__main__`` by :func:`runpy.run_module`, and the
 interpreter's own handling of ``SystemExit`` and uncaught exceptions. The child is a real, separate
 process; only the import work is shared. Environment variables that are read at import time cannot be
 changed per request, so :mod:`tests.engine_utils` starts a rank fresh whenever the request's
-environment differs from this process's in anything but the per-run keys it lists.
+environment differs from this process's in anything but the per-run keys it lists and the values the
+imports would set anyway.
 
 Protocol (one JSON object per line): the parent writes ``{"module", "args", "env", "cwd", "log"}`` on
 stdin; this process answers ``{"pid": N}`` after each fork, ``{"exit": N, "code": C}`` when a child ends
-(``C`` as :attr:`subprocess.Popen.returncode` gives it: negative for a signal), and ``{"ready": true}``
-once the imports are done. It ends when stdin closes.
+(``C`` as :attr:`subprocess.Popen.returncode` gives it: negative for a signal), and
+``{"ready": true, "import_env": {...}}`` once the imports are done, with the variables they set. It ends when stdin closes.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ PRELOAD = ("pretrain.trainer", "finetune.__main__", "deepspeed.runtime.zero.stag
            "torch.utils.tensorboard")
 
 
-def become(request: dict, proto_in: int, proto_out: int):
+def become(request: dict, import_env: dict, proto_in: int, proto_out: int):
     """In the forked child: turn into ``python -m <module> <args>`` (never returns to the server loop)."""
     os.close(proto_in)
     os.close(proto_out)
@@ -37,7 +39,7 @@ def become(request: dict, proto_in: int, proto_out: int):
     os.close(log)
     os.chdir(request["cwd"])
     os.environ.clear()
-    os.environ.update(request["env"])
+    os.environ.update({**import_env, **request["env"]})
     sys.path[0] = request["cwd"]  # what ``python -m`` puts first
     sys.argv = [request["module"], *request["args"]]
     runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
@@ -50,13 +52,15 @@ def serve() -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)  # the children's stdout/stderr become their log files; ours stays quiet
     sys.path[0] = os.getcwd()
+    before = dict(os.environ)
     for name in PRELOAD:
         __import__(name)
+    import_env = {k: v for k, v in os.environ.items() if before.get(k) != v}
 
     def send(obj):
         os.write(proto_out, (json.dumps(obj) + "\n").encode())
 
-    send({"ready": True})
+    send({"ready": True, "import_env": import_env})
     buf = b""
     while True:
         readable, _, _ = select.select([proto_in], [], [], 0.05)
@@ -81,7 +85,7 @@ def serve() -> None:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                become(request, proto_in, proto_out)
+                become(request, import_env, proto_in, proto_out)
             send({"pid": pid})
 
 

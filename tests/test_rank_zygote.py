@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from engine_utils import ForkedRank, Ranks
+from engine_utils import ForkedRank, Ranks, forkable
 
 PROBE = "tests.fixtures.zygote_probe"
 
@@ -30,6 +30,10 @@ def _probe(tmp_path, mode, fresh, monkeypatch, expect):
     seen = [json.loads(o.read_text()) for o in outs]
     for o in outs:
         o.unlink()
+    for p, f in zip(ranks.procs, seen):  # the launch's own keys; the rest must match between the kinds
+        for key in ("MASTER_PORT", "HVP_TEST_FRESH_RANKS"):
+            f["env"].pop(key)
+        f["import_env"] = p.zygote.import_env if isinstance(p, ForkedRank) else {}
     return seen, [ranks.output(r) for r in range(2)]
 
 
@@ -38,7 +42,12 @@ def test_forked_rank_starts_and_ends_like_a_fresh_process(tmp_path, monkeypatch,
     forked, forked_logs = _probe(tmp_path, mode, False, monkeypatch, expect)
     fresh, fresh_logs = _probe(tmp_path, mode, True, monkeypatch, expect)
     for a, b in zip(forked, fresh):
-        assert {k: v for k, v in a.items() if k != "hash"} == {k: v for k, v in b.items() if k != "hash"}
+        assert {k: v for k, v in a.items() if k not in ("hash", "env", "import_env")} == \
+            {k: v for k, v in b.items() if k not in ("hash", "env", "import_env")}
+        # A forked rank has what importing the stack puts in the environment (DS_ACCELERATOR=cpu ...),
+        # as a fresh rank has once it has imported; the probe itself imports nothing.
+        assert "DS_ACCELERATOR" in a["import_env"]
+        assert a["env"] == {**a["import_env"], **b["env"]}
     assert forked[0]["name"] == "__main__" == forked[0]["main"] and forked[0]["fault"] == "7"
     assert [f["rank"] for f in forked] == ["0", "1"]
     # Separate interpreters: the two ranks of a job do not share a string hash seed (they would if both
@@ -57,3 +66,13 @@ def test_an_environment_read_at_import_starts_ranks_fresh(tmp_path, monkeypatch)
                   rank_env={1: {"ATEN_CPU_CAPABILITY": "default"}})
     assert isinstance(ranks.procs[0], ForkedRank) and isinstance(ranks.procs[1], subprocess.Popen)
     assert ranks.wait(60) == [0, 0]
+
+
+def test_forkable_allows_only_run_time_keys_and_values_the_imports_set():
+    zygote = {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
+    imports = {"DS_ACCELERATOR": "cpu"}
+    assert forkable({**zygote, "RANK": "1", "MASTER_PORT": "7", "HVP_DATA_CACHE": "/c"}, zygote, imports)
+    assert forkable({**zygote, "DS_ACCELERATOR": "cpu"}, zygote, imports)
+    assert not forkable({**zygote, "DS_ACCELERATOR": "cuda"}, zygote, imports)
+    assert not forkable({**zygote, "OMP_NUM_THREADS": "2"}, zygote, imports)
+    assert not forkable({"PATH": "/bin"}, zygote, imports)
