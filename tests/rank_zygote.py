@@ -1,21 +1,21 @@
 """A pre-imported interpreter that forks the test suite's training ranks (``python -m pretrain ...``).
 
-Why: a training rank of the suite spends most of its CPU time importing the stack (torch, timm with
-torchvision, DeepSpeed, inductor: about 3.7 CPU-s of 5-7 on a 2-core machine, and the suite starts
-about a hundred of them). This process imports that stack once, then for each request forks a child that
-becomes the rank exactly as ``python -m <module> <args>`` would: the request's environment, working
-directory, argv and log file (plus the variables that importing the stack sets, such as
-``DS_ACCELERATOR``, as a fresh rank has them once it has imported), the module run as ``__main__`` by :func:`runpy.run_module`, and the
-interpreter's own handling of ``SystemExit`` and uncaught exceptions. The child is a real, separate
-process; only the import work is shared. Environment variables that are read at import time cannot be
-changed per request, so :mod:`tests.engine_utils` starts a rank fresh whenever the request's
-environment differs from this process's in anything but the per-run keys it lists and the values the
-imports would set anyway.
+Why: a short training rank of the suite spends most of its CPU time importing the stack (torch, timm with
+torchvision, DeepSpeed, inductor). A 2-step world-1 run measured 4.2-4.8 CPU-s started fresh and 1.9-2.5
+forked from here (2-core Xeon), and the engine tests start about fifty ranks. This process imports the
+stack once, then for each request forks a child that becomes the rank as ``python -m <module> <args>``
+would: the request's environment (plus the variables that importing the stack sets, such as
+``DS_ACCELERATOR``, which a fresh rank has once it has imported), working directory, argv and log file,
+the module run as ``__main__`` by :func:`runpy.run_module`, and the interpreter's own handling of
+``SystemExit`` and uncaught exceptions. The child is a real, separate process; only the import work is
+shared. Variables read at import time cannot change per request, so ``tests/engine_utils.py`` starts a
+rank fresh when its environment differs from this process's in anything but the per-run keys it lists
+and the values the imports set anyway.
 
 Protocol (one JSON object per line): the parent writes ``{"module", "args", "env", "cwd", "log"}`` on
-stdin; this process answers ``{"pid": N}`` after each fork, ``{"exit": N, "code": C}`` when a child ends
-(``C`` as :attr:`subprocess.Popen.returncode` gives it: negative for a signal), and
-``{"ready": true, "import_env": {...}}`` once the imports are done, with the variables they set. It ends when stdin closes.
+stdin; this process answers ``{"ready": true, "import_env": {...}}`` once the imports are done (with the
+variables they set), ``{"pid": N}`` after each fork, and ``{"exit": N, "code": C}`` when a child ends
+(``C`` as :attr:`subprocess.Popen.returncode` gives it: negative for a signal). It ends when stdin closes.
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def serve() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)  # the children's stdout/stderr become their log files; ours stays quiet
+    os.close(devnull)
     sys.path[0] = os.getcwd()
     before = dict(os.environ)
     for name in PRELOAD:
