@@ -124,9 +124,14 @@ class Zygote:
             self.dead = True
             self.cond.notify_all()
 
+    def wait_ready(self, timeout=300) -> bool:
+        """Whether the zygote has finished its imports (False if it died or is still importing)."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.ready or self.dead, timeout) and not self.dead
+
     def spawn(self, module: str, args: list[str], env: dict, log_path: Path) -> ForkedRank:
         with self.lock, self.cond:
-            if not self.cond.wait_for(lambda: self.ready or self.dead, 300) or self.dead:
+            if not self.wait_ready():
                 self.stderr.seek(0)
                 raise RuntimeError("rank zygote did not start:\n" + self.stderr.read().decode()[-4000:])
             n = len(self.pids)
@@ -157,8 +162,7 @@ def launch_rank(module: str, args: list[str], env: dict, rank: int, log) -> subp
                                 stdout=log, stderr=subprocess.STDOUT)
     z = _ZYGOTES.get(rank)
     if z is not None:
-        with z.cond:
-            z.cond.wait_for(lambda: z.ready or z.dead, 300)
+        z.wait_ready()  # its import_env is known once it is ready
     if z is None or z.dead or not forkable(base, z.env, z.import_env):
         if z is not None:
             z.proc.stdin.close()  # it exits at end of input; ranks it forked run on
