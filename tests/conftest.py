@@ -48,6 +48,23 @@ def pytest_terminal_summary(terminalreporter, config):
                                 f"{'native' if native else 'emulated'} ({why}); xdist workers: {workers}")
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """Give the next test the thread count this one started with. A CLI entry run in-process
+    (``models.bench.main`` sets its ``--threads``, 2 by default) would otherwise leave a worker at 2 threads
+    beside the other worker: every later in-process test on it then runs with more threads than its core,
+    and OpenMP's waits at the end of each parallel region cost 4-5x on ops with many small regions (the
+    MS-MLP golden checks: 10k depthwise convolutions in float64)."""
+    threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if threads is None:  # the test imported torch: its default comes from OMP_NUM_THREADS, set above
+            threads = int(os.environ["OMP_NUM_THREADS"])
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def isolated_index_cache(tmp_path_factory):
     """The data index cache inside pytest's temp dir for one module (subprocesses inherit the variable)."""
