@@ -39,6 +39,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def popen_rank(module: str, args: list[str], env: dict, rank: int, log) -> subprocess.Popen:
+    """Start one rank as a fresh interpreter: ``python -m MODULE ARGS``, output to the open file ``log``."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+# How start_ranks starts each rank process (same signature as popen_rank). The test suite swaps in its
+# launcher that forks each rank, still its own process, from an interpreter that has imported the stack.
+RANK_LAUNCHER = popen_rank
+
+
 def start_ranks(overrides: list[str], log: Path, nproc: int = 2) -> list[subprocess.Popen]:
     """``nproc`` processes of ``python -m pretrain --config pretrain/configs/demo.yaml OVERRIDES`` wired as one
     job (torchrun's variables); output appended to ``LOG.rank{r}.log``."""
@@ -50,9 +61,9 @@ def start_ranks(overrides: list[str], log: Path, nproc: int = 2) -> list[subproc
         env.update(RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(nproc),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONWARNINGS="ignore")
         env.setdefault("OMP_NUM_THREADS", "1")
-        args = [sys.executable, "-m", "pretrain", "--config", "pretrain/configs/demo.yaml", *overrides]
-        out = open(log.with_suffix(f".rank{r}.log"), "a")
-        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+        with open(log.with_suffix(f".rank{r}.log"), "a") as out:  # the child keeps its own descriptor
+            procs.append(RANK_LAUNCHER("pretrain", ["--config", "pretrain/configs/demo.yaml", *overrides], env, r,
+                                       out))
     return procs
 
 

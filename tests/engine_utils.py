@@ -170,6 +170,23 @@ def launch_rank(module: str, args: list[str], env: dict, rank: int, log) -> subp
     return z.spawn(module, args, env, Path(log.name))
 
 
+def script_ranks_forked(monkeypatch) -> None:
+    """Run a script of ``scripts/`` in this process as its subprocess test would, but with its ranks from
+    launch_rank: scripts/chaos_resume.py's ``start_ranks`` (scripts/gpu_check.py uses it too) starts each
+    rank through ``RANK_LAUNCHER``, and ``os.environ`` becomes clean_env() (what the script's process had)
+    for the test. The ranks are the same processes; the ``slow`` tests still run the scripts as subprocesses."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import chaos_resume
+    monkeypatch.setattr(chaos_resume, "RANK_LAUNCHER", launch_rank)
+    env = clean_env()
+    for k in list(os.environ):
+        if k not in env:
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(ROOT)
+
+
 class Ranks:
     """N real processes of ``python -m <module> ...`` wired as a torchrun-style gloo job.
 

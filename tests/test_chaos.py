@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from engine_utils import ROOT, clean_env
+from engine_utils import ROOT, clean_env, script_ranks_forked
 
 
 def _chaos(kills: int, tmp_path, timeout: int) -> str:
@@ -18,8 +18,14 @@ def _chaos(kills: int, tmp_path, timeout: int) -> str:
     return r.stdout
 
 
-def test_chaos_three_kills(tmp_path):
-    out = _chaos(3, tmp_path, timeout=1200)
+def test_chaos_three_kills(tmp_path, monkeypatch, capsys):
+    """The script's main in this process, its ranks forked from pre-imported interpreters (the 20-kill
+    test below runs the script as a subprocess)."""
+    script_ranks_forked(monkeypatch)
+    import chaos_resume
+    code = chaos_resume.main(["3", "--seed", "0", "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out[-4000:]
     kills = [line for line in out.splitlines() if line.startswith("kill ")]
     assert len(kills) == 3 and all("SIGKILL" in k for k in kills), out
     assert {k.split()[3] for k in kills} == {"step", "ckpt", "eval"}, out  # each kind hit once

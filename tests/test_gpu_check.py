@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine_utils import ROOT, clean_env
+from engine_utils import ROOT, clean_env, script_ranks_forked
 
 
 def _gpu_check(tmp_path, *parts):
@@ -19,8 +19,15 @@ def _gpu_check(tmp_path, *parts):
     return json.loads(out.read_text())
 
 
-def test_cpu_form_data_and_training(tmp_path):
-    report = _gpu_check(tmp_path, "data", "train")
+def test_cpu_form_data_and_training(tmp_path, monkeypatch, capsys):
+    """The script's main in this process, its ranks forked from pre-imported interpreters (the all-parts
+    test below runs the script as a subprocess)."""
+    script_ranks_forked(monkeypatch)
+    import gpu_check
+    out = tmp_path / "report.json"
+    code = gpu_check.main(["--out", str(out), "--parts", "data", "train"])
+    assert code == 0, capsys.readouterr().out[-3000:]
+    report = json.loads(out.read_text())
     assert report["form"] == "cpu-reduced" and "no CUDA" in report["device"]
     assert report["data"]["img_per_s"]["DALI CPU train (2 threads)"] > 0
     assert any("mixed" in s for s in report["data"]["skipped"])
