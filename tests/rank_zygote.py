@@ -1,16 +1,17 @@
 """A pre-imported interpreter that forks the test suite's training ranks (``python -m pretrain ...``).
 
 Why: a short training rank of the suite spends most of its CPU time importing the stack (torch, timm with
-torchvision, DeepSpeed, inductor). A 2-step world-1 run measured 4.2-4.8 CPU-s started fresh and 1.9-2.5
-forked from here (2-core Xeon), and the engine tests start about fifty ranks. This process imports the
-stack once, then for each request forks a child that becomes the rank as ``python -m <module> <args>``
-would: the request's environment (plus the variables that importing the stack sets, such as
-``DS_ACCELERATOR``, which a fresh rank has once it has imported), working directory, argv and log file,
-the module run as ``__main__`` by :func:`runpy.run_module`, and the interpreter's own handling of
-``SystemExit`` and uncaught exceptions. The child is a real, separate process; only the import work is
-shared. Variables read at import time cannot change per request, so ``tests/engine_utils.py`` starts a
-rank fresh when its environment differs from this process's in anything but the per-run keys it lists
-and the values the imports set anyway.
+torchvision, DeepSpeed, inductor). A 2-step world-1 run (ZeRO-1, fp32, the engine tests' tiny config) measured
+3.5-3.7 CPU-s started fresh and 1.0-1.1 forked from here (2-core Xeon held to AVX2 kernels; 1.7-1.8 before
+DeepSpeed's Muon/inductor and DALI's modules joined PRELOAD); the engine tests start about fifty ranks, the
+chaos and gpu_check tests sixteen more. This process imports the stack once, then for each request forks a
+child that becomes the rank as ``python -m <module> <args>`` would: the request's environment (plus the
+variables that importing the stack sets, such as ``DS_ACCELERATOR``, which a fresh rank has once it has
+imported), working directory, argv and log file, the module run as ``__main__`` by :func:`runpy.run_module`,
+and the interpreter's own handling of ``SystemExit`` and uncaught exceptions. The child is a real, separate
+process; only the import work is shared. Variables read at import time cannot change per request, so
+``tests/engine_utils.py`` starts a rank fresh when its environment differs from this process's in anything but
+the per-run keys it lists and the values the imports set anyway.
 
 Protocol (one JSON object per line): the parent writes ``{"module", "args", "env", "cwd", "log"}`` on
 stdin; this process answers ``{"ready": true, "import_env": {...}}`` once the imports are done (with the
@@ -25,8 +26,13 @@ import runpy
 import select
 import sys
 
+# What a rank imports: our entry points and, imported by them only later, the ZeRO optimizers, TensorBoard,
+# DALI's pipeline API (nvidia.dali.fn and its autograph for conditionals, the PyTorch plugin) and the module
+# DeepSpeed's ZeRO optimizer check imports (Muon, which brings in inductor: ~1 CPU-s per rank). None of them
+# starts a thread, installs a signal handler or sets a variable at import (checked when these were added).
 PRELOAD = ("pretrain.trainer", "finetune.__main__", "deepspeed.runtime.zero.stage_1_and_2",
-           "torch.utils.tensorboard")
+           "deepspeed.runtime.zero.muon.muon_optimizer", "torch.utils.tensorboard")
+DALI_PRELOAD = ("nvidia.dali.fn", "nvidia.dali.auto_aug.rand_augment", "nvidia.dali.plugin.pytorch")  # if installed
 
 
 def become(request: dict, import_env: dict, proto_in: int, proto_out: int):
@@ -56,6 +62,11 @@ def serve() -> None:
     before = dict(os.environ)
     for name in PRELOAD:
         __import__(name)
+    try:
+        for name in DALI_PRELOAD:
+            __import__(name)
+    except ImportError:  # DALI is an optional extra: ranks without it use data.pipeline=torch
+        pass
     import_env = {k: v for k, v in os.environ.items() if before.get(k) != v}
 
     def send(obj):
