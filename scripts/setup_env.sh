@@ -17,7 +17,17 @@ stamp() {
   echo "$EXTRAS"
 }
 
+# Byte-compile the project's own packages: pip compiles what it installs, but not an editable install's
+# sources, and where PYTHONDONTWRITEBYTECODE is set (as on some CI images) every fresh process (each rank,
+# each CLI call) would compile them again: 0.4-0.6 CPU-s per process on a 2-core EPYC. Cheap when up to date;
+# a stale file is simply recompiled in memory by Python.
+compile_project() {
+  "$VENV/bin/python" -m compileall -q "$ROOT/models" "$ROOT/data" "$ROOT/pretrain" "$ROOT/finetune" \
+      "$ROOT/launch" || echo "[setup] could not byte-compile every project module (errors above)" >&2
+}
+
 if [[ -f "$STAMP" ]] && [[ "$(cat "$STAMP")" == "$(stamp)" ]] && [[ -x "$VENV/bin/python" ]]; then
+  compile_project
   echo "[setup] .venv is up to date (nothing to install)"
   exit 0
 fi
@@ -35,5 +45,6 @@ echo "import _hvp_compat" > "$SITE/_hvp_compat.pth"
 
 "$VENV/bin/python" -c "import timm, deepspeed, webdataset, submitit, torch.utils.tensorboard" \
   || { echo "[setup] the installed environment cannot import its stack" >&2; exit 1; }
+compile_project
 stamp > "$STAMP"
 echo "[setup] done"
