@@ -15,8 +15,9 @@ Suite (one variant per family, ViL-S and ViL-B included)::
     python -m models.bench --suite [--batch 8 --size 224 --reps 3 --models ... --json out.json]
 
 prints per model eager vs compiled fwd+bwd images/s side by side (alternating rounds), peak memory of
-each, the compiled/eager ratio, the graphs and graph breaks Dynamo captures (``torch._dynamo.explain``)
-and, on CUDA, MFU; for ViL also FlexAttention vs the default sliding-chunk
+each, the compiled/eager ratio, the share of the eager step spent in GEMM / convolution / attention library
+kernels with the ceiling it puts on that ratio (``library_kernel_share``), the graphs and graph breaks Dynamo
+captures (``torch._dynamo.explain``) and, on CUDA, MFU; for ViL also FlexAttention vs the default sliding-chunk
 attention (CUDA: compiled fwd+bwd; CPU: forward only, torch 2.13 has no FlexAttention backward on CPU).
 
 ViL attention micro-benchmark (stage-1 shape of ViL-Small: C=96, 3 heads, chunk 7, 1 global token)::
@@ -76,6 +77,39 @@ class _PeakMem:
                 peak = max(peak, cur)
             self.peak = peak
         return False
+
+
+# aten ops that call a library kernel (BLAS GEMM, oneDNN / cuDNN convolution, fused attention): torch.compile
+# keeps calling these ("extern" kernels in inductor's output) and can only shorten the rest of the step.
+_LIBRARY_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
+                "aten::mkldnn_convolution", "aten::convolution_backward", "aten::cudnn_convolution",
+                "aten::_conv_depthwise2d", "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"}
+_LIBRARY_PREFIXES = ("aten::_scaled_dot_product_", "aten::_flash_attention", "aten::_efficient_attention")
+
+
+def library_kernel_share(fn, device, steps: int = 2) -> float:
+    """Fraction of ``fn``'s wall time spent in library kernels (:data:`_LIBRARY_OPS`), from the torch profiler.
+
+    ``1 / share`` bounds what a compiler that keeps those kernels can gain over eager (Amdahl): with 80 % of
+    the step in GEMMs and convolutions no fusion of the other 20 % gives more than 1.25x. Self time of each
+    op (CPU: the calling thread's wall time, as the intra-op pool works inside it; CUDA: device time);
+    profiler overhead lengthens the step, so the share errs low and the bound high.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        wall_us = (time.perf_counter() - t) * 1e6
+    lib_us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in prof.key_averages()
+                 if e.key in _LIBRARY_OPS or e.key.startswith(_LIBRARY_PREFIXES))
+    return min(lib_us / wall_us, 1.0)
 
 
 def _time(fn, reps, device, warmup=1):
@@ -280,9 +314,13 @@ def bench_suite(args) -> list:
             if device.type == "cuda":
                 row[f"{k}_mfu_pct"] = _mfu(macs, args.batch, r["min_s"], True, dtype, args)
         row["compiled_over_eager"] = res["eager"]["min_s"] / res["compiled"]["min_s"]
+        share = library_kernel_share(_model_fns(model, x, dtype, True), device)
+        row["eager_library_kernel_share"] = share
+        row["compile_ceiling"] = 1 / share if share > 0 else float("inf")
         line = (f"  {name:26s} fwd+bwd eager {row['eager_img_s']:7.1f} img/s ({row['eager_peak_mib']:.0f} MiB)  "
                 f"compiled {row['compiled_img_s']:7.1f} img/s ({row['compiled_peak_mib']:.0f} MiB)  "
                 f"compiled/eager {row['compiled_over_eager']:.2f}x  "
+                f"(GEMM/conv/attention kernels {share:.0%} of eager: ceiling {row['compile_ceiling']:.2f}x)  "
                 f"dynamo graphs {graphs['graphs']}, breaks {graphs['graph_breaks']}")
         if device.type == "cuda":
             line += f"  MFU eager {row['eager_mfu_pct']:.1f} % compiled {row['compiled_mfu_pct']:.1f} %"

@@ -6,6 +6,7 @@ the slow ones run AOTAutograd and inductor, and the ViL flex comparison (it comp
 import json
 
 import pytest
+import torch
 
 from models import bench
 
@@ -23,6 +24,16 @@ def test_bench_suite_json(tmp_path, capsys):
     (row,) = saved
     assert row["model"] == "vil_tiny_rpb_224" and row["eager_img_s"] > 0 and row["compiled_img_s"] > 0
     assert row["eager_peak_mib"] > 0 and row["compiled_over_eager"] > 0
+    assert "ceiling" in out and 0.05 < row["eager_library_kernel_share"] <= 1
+    assert row["compile_ceiling"] == pytest.approx(1 / row["eager_library_kernel_share"])
+
+
+def test_library_kernel_share_counts_gemms_not_pointwise():
+    """The ceiling's share: a step of GEMMs is nearly all library time, a pointwise step none of it."""
+    a, b = torch.randn(384, 384), torch.randn(384, 384, requires_grad=True)
+    cpu = torch.device("cpu")
+    assert bench.library_kernel_share(lambda: (a @ b).sum().backward(), cpu) > 0.4
+    assert bench.library_kernel_share(lambda: (a.exp() * 2 + 1).tanh().sum(), cpu) == 0
 
 
 @pytest.mark.slow
